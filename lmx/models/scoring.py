@@ -1,0 +1,41 @@
+"""Per-token log-probabilities of given sequences (used by ConE, reward models, KD, evals)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmx.models.transformer import Transformer, check_tokens
+
+
+@nnx.jit
+def _token_logprobs(model: Transformer, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    logits = model(tokens, attention_mask=mask)[:, :-1]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.where(mask[:, 1:] & mask[:, :-1], picked - logz, 0.0)
+
+
+def token_logprobs(model: Transformer, tokens, attention_mask=None) -> jax.Array:
+    r"""``lp[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`` in float32, shape ``[B, T-1]``.
+
+    Positions whose target or context token is padding (``attention_mask`` False) are 0, so
+    ``lp.sum(-1)`` is the log-likelihood of each row's real continuation. Softmax in f32.
+    Raises ``ValueError``/``TypeError`` for bad shapes, dtypes, or out-of-vocabulary ids.
+    """
+    tokens, mask = check_tokens(tokens, attention_mask, model.cfg.vocab_size)
+    if tokens.shape[1] < 2:
+        raise ValueError(f"tokens needs at least 2 positions to score a next token, got shape {tokens.shape}")
+    if mask is None:
+        mask = jnp.ones(tokens.shape, bool)
+    return _token_logprobs(model, tokens, mask)
+
+
+def mean_token_nll(model: Transformer, tokens, attention_mask=None) -> jax.Array:
+    """Mean negative log-likelihood per scored token over the whole batch (nats)."""
+    tokens, mask = check_tokens(tokens, attention_mask, model.cfg.vocab_size)
+    if mask is None:
+        mask = jnp.ones(tokens.shape, bool)
+    lp = token_logprobs(model, tokens, mask)
+    n = jnp.sum(mask[:, 1:] & mask[:, :-1])
+    return -lp.sum() / jnp.maximum(n, 1)
