@@ -134,7 +134,7 @@ def make_train_step(graphdef, rest, loss_fn: LossFn, tx: optax.GradientTransform
         loss, grads, n, metrics = accumulate_grads(graphdef, rest, loss_fn, params, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        out = {"loss": loss, "n_scored": n, "grad_norm": optax.global_norm(grads), **metrics}
+        out = {"loss": loss, "n_scored": n, "grad_norm": optax.tree.norm(grads), **metrics}
         return params, opt_state, out
 
     kwargs = {}

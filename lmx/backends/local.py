@@ -1,0 +1,233 @@
+"""Chat backend over a local token-level model: chat template -> batched generate -> decode.
+
+The backend is model-agnostic: it needs a tokenizer with a chat template (a transformers
+``PreTrainedTokenizerFast``) and two token-level functions,
+
+* ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, stop_tokens, seed)
+  -> list[list[int]]``: new tokens only (a trailing stop token may be included or not), and
+* ``logprobs_fn(sequences, positions) -> list[float32 [len(positions[i]), V]]``: row ``k`` is
+  ``log p(. | sequences[i][:positions[i][k] + 1])``, the next-token distribution after that
+  position (needed only for :meth:`LocalBackend.label_probs` and token log-probs).
+
+:meth:`LocalBackend.from_lmx` wires both onto an ``lmx.models.Transformer`` (``generate`` and a
+jitted hidden-state gather), so the same class serves the 135M SmolLM2 and a tiny random model.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from lmx.backends.base import (Completion, SamplingParams, cut_at_stop, has_images,
+                               restricted_softmax, text_of, validate_conversations)
+
+GenerateFn = Callable[..., list]
+LogprobsFn = Callable[[list, list], list]
+
+
+class PromptTooLongError(ValueError):
+    """The rendered prompt plus ``max_tokens`` does not fit the model's context."""
+
+    def __init__(self, index: int, prompt_tokens: int, max_tokens: int, max_seq_len: int):
+        super().__init__(
+            f"conversations[{index}] renders to {prompt_tokens} prompt tokens; with max_tokens="
+            f"{max_tokens} that exceeds the model's context of {max_seq_len} tokens")
+        self.prompt_tokens = prompt_tokens
+
+
+def _stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """EOS plus the chat end-of-turn tokens the tokenizer knows (ChatML ``<|im_end|>`` etc.)."""
+    ids = []
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+        if tok in vocab:
+            ids.append(int(vocab[tok]))
+    return tuple(dict.fromkeys(ids))
+
+
+class LocalBackend:
+    """Batched chat over a local model (see module docstring for ``generate_fn``/``logprobs_fn``).
+
+    Args:
+      tokenizer: has ``apply_chat_template``, ``encode``, ``decode``, ``get_vocab``.
+      generate_fn, logprobs_fn: token-level functions (``logprobs_fn`` may be None).
+      max_seq_len: context length; prompt tokens + max_tokens must fit, else
+        :class:`PromptTooLongError` (a ValueError) is raised before any compute.
+      model_name: the id reported by the server.
+      max_batch: conversations per ``generate_fn`` call.
+      stop_token_ids: ids that end a reply; default EOS + known end-of-turn tokens.
+
+    Not thread-safe by itself: ``lmx.serve`` funnels all calls through one worker thread, and
+    a lock guards direct concurrent use.
+    """
+
+    supports_images = False
+
+    def __init__(self, tokenizer: Any, generate_fn: GenerateFn, logprobs_fn: LogprobsFn | None = None,
+                 *, max_seq_len: int, model_name: str = "local", max_batch: int = 16,
+                 stop_token_ids: Sequence[int] | None = None):
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.tokenizer = tokenizer
+        self.generate_fn = generate_fn
+        self.logprobs_fn = logprobs_fn
+        self.max_seq_len = max_seq_len
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.stop_token_ids = (tuple(int(i) for i in stop_token_ids) if stop_token_ids is not None
+                               else _stop_token_ids(tokenizer))
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_lmx(cls, model: Any, tokenizer: Any, *, model_name: str = "local",
+                 max_batch: int = 16, max_seq_len: int | None = None) -> "LocalBackend":
+        """Wire an ``lmx.models.Transformer`` + tokenizer (``lmx.models.generate`` for decoding)."""
+        from lmx.backends import _lmx_glue
+
+        cfg_len = int(model.cfg.max_seq_len)
+        gen, lp = _lmx_glue.make_fns(model, pad_id=_pad_id(tokenizer))
+        return cls(tokenizer, gen, lp, max_seq_len=min(cfg_len, max_seq_len or cfg_len),
+                   model_name=model_name, max_batch=max_batch)
+
+    @classmethod
+    def load(cls, name: str, *, max_batch: int = 16, max_seq_len: int | None = None) -> "LocalBackend":
+        """``lmx.models.load(name)`` (offline assets, e.g. ``"smollm2-135m-instruct"``) as a backend."""
+        from lmx.models import load
+
+        model, tokenizer = load(name)
+        return cls.from_lmx(model, tokenizer, model_name=name, max_batch=max_batch,
+                            max_seq_len=max_seq_len)
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, conversation: list[dict]) -> list[int]:
+        """Token ids of the chat-template rendering with an open assistant turn."""
+        msgs = [{"role": m["role"], "content": text_of(m["content"])} for m in conversation]
+        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def render_all(self, conversations: list[list[dict]], max_tokens: int = 0) -> list[list[int]]:
+        """Validate and render a batch; raise :class:`PromptTooLongError` before any compute."""
+        validate_conversations(conversations, allow_images=self.supports_images)
+        for i, c in enumerate(conversations):
+            if has_images(c):
+                raise ValueError(f"conversations[{i}] holds image_url parts; "
+                                 f"{self.model_name!r} is a text-only model")
+        prompts = [self.render(c) for c in conversations]
+        for i, p in enumerate(prompts):
+            if len(p) + max_tokens > self.max_seq_len or len(p) >= self.max_seq_len:
+                raise PromptTooLongError(i, len(p), max_tokens, self.max_seq_len)
+        return prompts
+
+    # ------------------------------------------------------------------ generation
+    def complete(self, conversations: list[list[dict]], *, max_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
+                 seed: int = 0, top_logprobs: int | None = None) -> list[Completion]:
+        """Generate one reply per conversation (see :class:`~lmx.backends.base.Completion`).
+
+        ``top_logprobs=k`` (0..20) also returns, per generated token, its log-prob and the k most
+        likely alternatives, computed by one teacher-forced pass over prompt + reply.
+        Raises ValueError/TypeError on bad messages or parameters, PromptTooLongError when a
+        prompt does not fit.
+        """
+        params = SamplingParams(max_tokens, temperature, top_p, tuple(stop), seed)
+        if top_logprobs is not None:
+            if not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
+                raise ValueError(f"top_logprobs must be an int in [0, 20], got {top_logprobs!r}")
+            if self.logprobs_fn is None:
+                raise ValueError("top_logprobs needs a backend built with a logprobs_fn")
+        prompts = self.render_all(conversations, params.max_tokens)
+        with self._lock:
+            outs: list[list[int]] = []
+            for s in range(0, len(prompts), self.max_batch):
+                outs += self.generate_fn(prompts[s:s + self.max_batch],
+                                         max_new_tokens=params.max_tokens,
+                                         temperature=float(params.temperature),
+                                         top_p=float(params.top_p),
+                                         stop_tokens=self.stop_token_ids, seed=params.seed + s)
+            result = []
+            for prompt, toks in zip(prompts, outs):
+                toks = [int(t) for t in toks][:params.max_tokens]
+                stop_hit = False
+                for k, t in enumerate(toks):
+                    if t in self.stop_token_ids:
+                        toks, stop_hit = toks[:k], True
+                        break
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                text, cut = cut_at_stop(text, params.stop)
+                reason = "stop" if (stop_hit or cut or len(toks) < params.max_tokens) else "length"
+                tlp = (self._token_logprobs(prompt, toks, top_logprobs)
+                       if top_logprobs is not None else None)
+                result.append(Completion(text, reason, len(prompt), len(toks) + int(stop_hit), tlp))
+        return result
+
+    def chat(self, conversations: list[list[dict]], *, max_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
+             seed: int = 0) -> list[str]:
+        """Texts of :meth:`complete`."""
+        return [c.text for c in self.complete(conversations, max_tokens=max_tokens,
+                                              temperature=temperature, top_p=top_p, stop=stop,
+                                              seed=seed)]
+
+    def _token_logprobs(self, prompt: list[int], toks: list[int], k: int) -> tuple:
+        if not toks:
+            return ()
+        n = len(prompt)
+        rows = self.logprobs_fn([prompt + toks], [list(range(n - 1, n - 1 + len(toks)))])[0]
+        out = []
+        for row, t in zip(np.asarray(rows, np.float32), toks):
+            alts = np.argsort(-row)[:k] if k else []
+            out.append((self.tokenizer.decode([t]), float(row[t]),
+                        tuple((self.tokenizer.decode([int(a)]), float(row[a])) for a in alts)))
+        return tuple(out)
+
+    # ------------------------------------------------------------------ scoring
+    def label_token_ids(self, labels: Sequence[str]) -> list[int]:
+        """First token id of each label string; ValueError if two labels share it."""
+        if not labels:
+            raise ValueError("labels must be a non-empty sequence of strings")
+        ids = []
+        for lab in labels:
+            if not isinstance(lab, str) or not lab:
+                raise ValueError(f"labels must be non-empty strings, got {lab!r}")
+            enc = self.tokenizer.encode(lab, add_special_tokens=False)
+            ids.append(int(enc[0]))
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"labels {list(labels)} do not have distinct first tokens: {ids}")
+        return ids
+
+    def label_probs(self, conversations: list[list[dict]], labels: Sequence[str]) -> np.ndarray:
+        """float32 [B, C]: softmax of the next-token log-probs restricted to the labels' first tokens.
+
+        This is WisdoM's MMICL ``first_token`` scoring (spec B.3): one forward pass per prompt.
+        """
+        if self.logprobs_fn is None:
+            raise ValueError("label_probs needs a backend built with a logprobs_fn")
+        ids = self.label_token_ids(labels)
+        prompts = self.render_all(conversations, 0)
+        rows = []
+        with self._lock:
+            for s in range(0, len(prompts), self.max_batch):
+                chunk = prompts[s:s + self.max_batch]
+                out = self.logprobs_fn(chunk, [[len(p) - 1] for p in chunk])
+                rows += [np.asarray(r, np.float32)[0, ids] for r in out]
+        return restricted_softmax(np.stack(rows))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum): padded shapes so jit compiles a few times only."""
+    return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
