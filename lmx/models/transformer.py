@@ -24,6 +24,8 @@ from lmx.models.config import ModelConfig
 # distribution instead of NaN; such rows are never scored.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
+_Tracer = getattr(jax.core, "Tracer", None) or jax._src.core.Tracer  # moved in newer jax
+
 LAYER_PARAMS_LLAMA = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_in", "w_out")
 LAYER_PARAMS_GPT2 = LAYER_PARAMS_LLAMA + ("attn_norm_b", "bqkv", "bo", "mlp_norm_b", "b_in", "b_out")
 
@@ -41,7 +43,7 @@ def check_tokens(tokens: Any, attention_mask: Any, vocab_size: int, name: str = 
         raise TypeError(f"{name} must be an integer array of token ids, got dtype {tokens.dtype}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}; need batch >= 1 and seq >= 1")
-    if not isinstance(tokens, jax.core.Tracer):
+    if not isinstance(tokens, _Tracer):
         t = np.asarray(tokens)
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= vocab_size:

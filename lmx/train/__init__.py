@@ -153,10 +153,13 @@ def causal_lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None)
     del rng
     tokens = batch["tokens"]
     mask = batch.get("mask")
-    mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
+    # no mask means no padding: the model may then use a fused causal kernel (cuDNN on GPU)
     logits = model(tokens, attention_mask=mask)[:, :-1]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    if mask is None:
+        return jnp.sum(logz - picked), jnp.asarray(picked.size, jnp.float32), {}
+    mask = mask.astype(bool)
     scored = mask[:, 1:] & mask[:, :-1]
     return jnp.sum(jnp.where(scored, logz - picked, 0.0)), jnp.sum(scored), {}
 

@@ -1,0 +1,176 @@
+"""LM core: train-step and decode throughput, ours vs transformers/PyTorch in the same run; MFU on GPU.
+
+Train step = forward + backward + AdamW on SmolLM2-135M shapes with random tokens (f32 on CPU).
+Decode = greedy KV-cache generation of ``new_tokens`` after a ``prompt_len`` prompt, forced to
+full length (no stop token), with the SmolLM2-135M-Instruct GGUF weights (random weights if the
+asset is missing; recorded). MFU (GPU preset): model FLOPs 6*N_mm + 6*L*T*H*hd per token
+(causal attention counted at half), over the chip's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import block, timeit
+from lmx.models import ModelConfig, Transformer, generate, hf_state_dict, load
+from lmx.train import TrainConfig, causal_lm_loss, make_optimizer, make_train_step
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _ours_train(cfg: ModelConfig, B: int, T: int, repeats: int, warmup: int) -> dict:
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(TrainConfig(steps=1000, lr=1e-4, weight_decay=0.1))
+    opt_state = tx.init(params)
+    step = make_train_step(graphdef, rest, causal_lm_loss, tx)
+    batch = {"tokens": jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, B, T)), jnp.int32)}
+    key = jax.random.PRNGKey(0)
+    state = {"p": params, "o": opt_state}
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+
+    def one():
+        state["p"], state["o"], m = compiled(state["p"], state["o"], batch, key)
+        block(m["loss"])
+
+    t = timeit(one, repeats=repeats, warmup=warmup)
+    return {**t, "tok_s": B * T / t["median_s"], "compile_s": compile_s,
+            "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30}
+
+
+def _torch_llama(cfg: ModelConfig, state_dict: dict | None = None):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hc = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                                  intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+                                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                                  max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+                                  rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+                                  attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(hc)
+    if state_dict is not None:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=False)
+        if cfg.tie_embeddings:
+            model.tie_weights()
+    return model
+
+
+def _torch_train(cfg: ModelConfig, B: int, T: int, repeats: int, warmup: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = _torch_llama(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    toks = torch.from_numpy(np.random.RandomState(0).randint(0, cfg.vocab_size, (B, T)))
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=toks, labels=toks).loss
+        loss.backward()
+        opt.step()
+
+    t = timeit(one, repeats=repeats, warmup=warmup)
+    return {**t, "tok_s": B * T / t["median_s"]}
+
+
+def _decode_inputs(vocab: int, batch: int, prompt_len: int):
+    r = np.random.RandomState(1)
+    return [r.randint(100, vocab - 1, prompt_len).tolist() for _ in range(batch)]
+
+
+def _ours_decode(model, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+    prompts = _decode_inputs(model.cfg.vocab_size, batch, prompt_len)
+    t0 = time.perf_counter()
+    generate(model, prompts, max_new_tokens=new)
+    first_s = time.perf_counter() - t0
+    t = timeit(lambda: generate(model, prompts, max_new_tokens=new), repeats=repeats, warmup=0)
+    return {**t, "tok_s": batch * new / t["median_s"], "ms_per_step": 1e3 * t["median_s"] / new,
+            "first_call_s": first_s}
+
+
+def _torch_decode(hf_model, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+    import torch
+
+    prompts = torch.tensor(_decode_inputs(hf_model.config.vocab_size, batch, prompt_len))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(prompts))
+
+    def one():
+        with torch.no_grad():
+            hf_model.generate(prompts, **kw)
+
+    t = timeit(one, repeats=repeats, warmup=1)
+    return {**t, "tok_s": batch * new / t["median_s"], "ms_per_step": 1e3 * t["median_s"] / new}
+
+
+def _mfu(mc: dict) -> dict:
+    cfg = getattr(ModelConfig, mc["model"])(compute_dtype="bfloat16", remat=mc["remat"], scan_unroll=1,
+                                            attn_impl=mc["attn_impl"], max_seq_len=mc["seq_len"])
+    B, T = mc["batch"], mc["seq_len"]
+    res = _ours_train(cfg, B, T, mc["repeats"], mc["warmup"])
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
+    flops_tok = cfg.train_flops_per_token(T)
+    achieved = res["tok_s"] * flops_tok / 1e12
+    return {**res, "device_kind": kind, "flops_per_token": flops_tok, "model_tflops": achieved,
+            "peak_tflops": peak, "mfu": achieved / peak if peak else None,
+            "params": cfg.matmul_params() + cfg.d_model * cfg.vocab_size * (0 if cfg.tie_embeddings else 1)}
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    summary, details = [], {}
+    cfg = ModelConfig.smollm2_135m(max_seq_len=2048)
+    for B, T in config.get("train_shapes", []):
+        ours = _ours_train(cfg, B, T, config["train_repeats"], config["train_warmup"])
+        row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"], "ours_compile_s": ours["compile_s"]}
+        details[f"train_{B}x{T}_ours"] = ours
+        if config.get("torch"):
+            ref = _torch_train(cfg, B, T, config["train_repeats"], config["train_warmup"])
+            details[f"train_{B}x{T}_torch"] = ref
+            row.update(torch_tok_s=ref["tok_s"], ratio=ours["tok_s"] / ref["tok_s"])
+        summary.append(row)
+
+    if config.get("decode_batches"):
+        name = config.get("decode_model", "smollm2")
+        if name == "smollm2":
+            try:
+                model, _ = load("smollm2-135m-instruct", scan_unroll=1)
+                weights = "SmolLM2-135M-Instruct GGUF (Q4_1 dequantized to f32)"
+            except FileNotFoundError:
+                model, weights = Transformer(cfg, rngs=nnx.Rngs(0)), "random (asset missing)"
+        else:
+            dc = getattr(ModelConfig, name)(compute_dtype=config.get("decode_dtype"), scan_unroll=1,
+                                            param_dtype=config.get("decode_dtype") or "float32", max_seq_len=4096)
+            model, weights = Transformer(dc, rngs=nnx.Rngs(0)), f"random {name} ({config.get('decode_dtype')})"
+        details["decode_weights"] = weights
+        hf_model = _torch_llama(model.cfg, hf_state_dict(model)).eval() if config.get("torch") else None
+        for b in config["decode_batches"]:
+            ours = _ours_decode(model, b, config["prompt_len"], config["new_tokens"], config["decode_repeats"])
+            details[f"decode_b{b}_ours"] = ours
+            row = {"bench": f"greedy decode b={b}", "ours_tok_s": ours["tok_s"], "ours_ms_step": ours["ms_per_step"]}
+            if hf_model is not None:
+                ref = _torch_decode(hf_model, b, config["prompt_len"], config["new_tokens"], config["decode_repeats"])
+                details[f"decode_b{b}_torch"] = ref
+                row.update(torch_tok_s=ref["tok_s"], torch_ms_step=ref["ms_per_step"], ratio=ours["tok_s"] / ref["tok_s"])
+            summary.append(row)
+
+    if "mfu" in config:
+        m = _mfu(config["mfu"])
+        details["mfu"] = m
+        summary.append({"bench": f"MFU {config['mfu']['model']} bf16 {config['mfu']['batch']}x{config['mfu']['seq_len']}",
+                        "ours_tok_s": m["tok_s"], "model_tflops": m["model_tflops"], "mfu": m["mfu"],
+                        "device": m["device_kind"]})
+    return {"summary": summary, "details": details,
+            "allocator": os.environ.get("LD_PRELOAD", "") or "glibc"}
