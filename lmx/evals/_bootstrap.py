@@ -176,7 +176,8 @@ def _child(spec, work, out_w, res_w, namespaced):
             os.environ.update(spec["env"])
             _DRIVER["run"](spec["job"])
         py = spec["python"]
-        os.execve(py, [py, "-I", "-S", "-B", "driver.py"], spec["env"])
+        flags = ["-I", "-B"] if spec["site"] else ["-I", "-S", "-B"]
+        os.execve(py, [py, *flags, "driver.py"], spec["env"])
     except BaseException as e:  # noqa: BLE001 - report any setup failure through the pipe
         try:
             os.write(2, f"sandbox child setup failed: {e!r}\n".encode())
@@ -212,8 +213,8 @@ def run_one(spec):
     namespaced = spec["mode"] == "namespace"
     t0 = time.monotonic()
     if namespaced:
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID),
-               "unshare")
+        flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
+        _check(_libc.unshare(flags), "unshare")
         work = _setup_mounts(spec)
     else:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)

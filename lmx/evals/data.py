@@ -94,7 +94,8 @@ def _validate(rec: dict, where: str) -> None:
     missing = [k for k in OOP_FIELDS if k not in rec]
     if missing:
         raise ValueError(f"{where}: OOP record lacks fields {missing}")
-    if not isinstance(rec["test_list"], list) or not all(isinstance(t, str) for t in rec["test_list"]):
+    tests = rec["test_list"]
+    if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
         raise ValueError(f"{where}: test_list must be a list of str")
     for k in ("task_id", "question", "test_function", "entry_point", "test_matching",
               "test_match_function"):

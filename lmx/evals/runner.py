@@ -102,7 +102,7 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if not isinstance(rec.get("task_id"), str) or not isinstance(rec.get("completion"), str):
+            if not (isinstance(rec.get("task_id"), str) and isinstance(rec.get("completion"), str)):
                 raise ValueError(f"{path}:{lineno}: a sample needs str task_id and completion")
             idx = rec.get("sample_idx", counter[rec["task_id"]])
             counter[rec["task_id"]] = max(counter[rec["task_id"]], idx + 1)

