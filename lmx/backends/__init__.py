@@ -6,9 +6,17 @@
 
 ``python -m lmx.serve`` exposes a :class:`LocalBackend` over HTTP.
 """
-from lmx.backends.base import (BackendError, ChatBackend, Completion, CompletionBackend,
-                               LabelProbBackend, SamplingParams, has_images, restricted_softmax,
-                               validate_conversations)
+from lmx.backends.base import (
+                               BackendError,
+                               ChatBackend,
+                               Completion,
+                               CompletionBackend,
+                               LabelProbBackend,
+                               SamplingParams,
+                               has_images,
+                               restricted_softmax,
+                               validate_conversations,
+)
 from lmx.backends.local import LocalBackend, PromptTooLongError
 from lmx.backends.openai_client import OpenAIBackend
 

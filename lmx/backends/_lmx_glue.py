@@ -3,7 +3,8 @@
 ``generate_fn`` forwards to ``lmx.models.generate``. ``logprobs_fn`` gathers the final hidden
 states at the requested positions and projects only those rows onto the vocabulary, so that
 scoring a 49k-vocabulary model costs [B, P, V] rather than [B, T, V] memory. Shapes are padded to
-power-of-two buckets (batch, length, positions) so the jitted function compiles a few times only.
+buckets (batch: multiple of 8; length and positions: powers of two) so the jitted function
+compiles a few times only.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def make_fns(model: Any, *, pad_id: int):
             raise ValueError(f"sequences ({len(sequences)}) and positions ({len(positions)}) "
                              "must have the same length")
         n = len(sequences)
-        b = bucket(n, 1)
+        b = -(-n // 8) * 8  # batch rounded up to 8: little waste, few distinct shapes
         t = bucket(max(len(s) for s in sequences), 16)
         p = bucket(max(len(q) for q in positions), 1)
         tokens = np.full((b, t), pad_id, np.int32)

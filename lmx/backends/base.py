@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,13 +36,15 @@ class BackendError(RuntimeError):
     """A backend could not produce an answer (HTTP error after retries, server-side 4xx, ...).
 
     ``status`` is the HTTP status when there was one (None for transport failures); ``body`` the
-    decoded error payload when the server sent one.
+    decoded error payload when the server sent one; ``retry_after`` the server's Retry-After header.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, body: Any = None):
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None,
+                 retry_after: str | None = None):
         super().__init__(message)
         self.status = status
         self.body = body
+        self.retry_after = retry_after
 
 
 @dataclasses.dataclass(frozen=True)

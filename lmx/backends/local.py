@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from lmx.backends.base import (Completion, SamplingParams, cut_at_stop, has_images,
-                               restricted_softmax, text_of, validate_conversations)
+from lmx.backends.base import (
+    Completion,
+    SamplingParams,
+    cut_at_stop,
+    has_images,
+    restricted_softmax,
+    text_of,
+    validate_conversations,
+)
 
 GenerateFn = Callable[..., list]
 LogprobsFn = Callable[[list, list], list]
@@ -83,11 +91,14 @@ class LocalBackend:
         self.stop_token_ids = (tuple(int(i) for i in stop_token_ids) if stop_token_ids is not None
                                else _stop_token_ids(tokenizer))
         self._lock = threading.Lock()
+        # HF fast tokenizers reset their Rust truncation/padding state on every encode; two threads
+        # encoding at once can fail with "Already borrowed", so all tokenizer calls are serialised
+        self._tok_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_lmx(cls, model: Any, tokenizer: Any, *, model_name: str = "local",
-                 max_batch: int = 16, max_seq_len: int | None = None) -> "LocalBackend":
+                 max_batch: int = 16, max_seq_len: int | None = None) -> LocalBackend:
         """Wire an ``lmx.models.Transformer`` + tokenizer (``lmx.models.generate`` for decoding)."""
         from lmx.backends import _lmx_glue
 
@@ -97,7 +108,7 @@ class LocalBackend:
                    model_name=model_name, max_batch=max_batch)
 
     @classmethod
-    def load(cls, name: str, *, max_batch: int = 16, max_seq_len: int | None = None) -> "LocalBackend":
+    def load(cls, name: str, *, max_batch: int = 16, max_seq_len: int | None = None) -> LocalBackend:
         """``lmx.models.load(name)`` (offline assets, e.g. ``"smollm2-135m-instruct"``) as a backend."""
         from lmx.models import load
 
@@ -109,8 +120,14 @@ class LocalBackend:
     def render(self, conversation: list[dict]) -> list[int]:
         """Token ids of the chat-template rendering with an open assistant turn."""
         msgs = [{"role": m["role"], "content": text_of(m["content"])} for m in conversation]
-        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._tok_lock:
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` without special tokens (thread-safe)."""
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def render_all(self, conversations: list[list[dict]], max_tokens: int = 0) -> list[list[int]]:
         """Validate and render a batch; raise :class:`PromptTooLongError` before any compute."""
@@ -159,7 +176,7 @@ class LocalBackend:
                     if t in self.stop_token_ids:
                         toks, stop_hit = toks[:k], True
                         break
-                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                text = self.decode(toks)
                 text, cut = cut_at_stop(text, params.stop)
                 reason = "stop" if (stop_hit or cut or len(toks) < params.max_tokens) else "length"
                 tlp = (self._token_logprobs(prompt, toks, top_logprobs)
@@ -183,8 +200,8 @@ class LocalBackend:
         out = []
         for row, t in zip(np.asarray(rows, np.float32), toks):
             alts = np.argsort(-row)[:k] if k else []
-            out.append((self.tokenizer.decode([t]), float(row[t]),
-                        tuple((self.tokenizer.decode([int(a)]), float(row[a])) for a in alts)))
+            out.append((self.decode([t]), float(row[t]),
+                        tuple((self.decode([int(a)]), float(row[a])) for a in alts)))
         return tuple(out)
 
     # ------------------------------------------------------------------ scoring
@@ -196,7 +213,8 @@ class LocalBackend:
         for lab in labels:
             if not isinstance(lab, str) or not lab:
                 raise ValueError(f"labels must be non-empty strings, got {lab!r}")
-            enc = self.tokenizer.encode(lab, add_special_tokens=False)
+            with self._tok_lock:
+                enc = self.tokenizer.encode(lab, add_special_tokens=False)
             ids.append(int(enc[0]))
         if len(set(ids)) != len(ids):
             raise ValueError(f"labels {list(labels)} do not have distinct first tokens: {ids}")

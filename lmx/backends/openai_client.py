@@ -10,16 +10,21 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
-import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from lmx.backends.base import (BackendError, Completion, SamplingParams, restricted_softmax,
-                               validate_conversations)
+from lmx.backends.base import (
+    BackendError,
+    Completion,
+    SamplingParams,
+    restricted_softmax,
+    validate_conversations,
+)
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -83,11 +88,11 @@ class OpenAIBackend:
                 payload = _read_error(e)
                 msg = _error_message(payload) or e.reason
                 last = BackendError(f"{method} {url} -> HTTP {e.code}: {msg}", status=e.code,
-                                    body=payload)
-                last.retry_after = e.headers.get("Retry-After") if e.headers else None
+                                    body=payload,
+                                    retry_after=e.headers.get("Retry-After") if e.headers else None)
                 if e.code not in RETRY_STATUS:
                     raise last from None
-            except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                 last = BackendError(f"{method} {url} failed: {getattr(e, 'reason', e)!s}")
             except json.JSONDecodeError as e:
                 raise BackendError(f"{method} {url} returned invalid JSON: {e}") from None
@@ -95,7 +100,7 @@ class OpenAIBackend:
                            status=last.status, body=last.body)
 
     def _delay(self, attempt: int, last: BackendError | None) -> float:
-        ra = getattr(last, "retry_after", None)
+        ra = last.retry_after if last is not None else None
         if ra is not None:
             try:
                 return min(30.0, max(0.0, float(ra)))

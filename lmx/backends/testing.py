@@ -11,12 +11,17 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lmx.backends.base import (Completion, SamplingParams, cut_at_stop, restricted_softmax,
-                               validate_conversations)
+from lmx.backends.base import (
+    Completion,
+    SamplingParams,
+    cut_at_stop,
+    restricted_softmax,
+    validate_conversations,
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -24,7 +29,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-_CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n", re.S)
+_CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n", re.DOTALL)
 
 
 def byte_chat_tokenizer():
@@ -115,6 +120,9 @@ class ScriptedTokenModel:
 class ScriptedBackend:
     """``ChatBackend`` answering with ``reply_fn(conversation) -> str``; records calls.
 
+    ``max_tokens`` counts space-separated words here (a reply longer than that is cut and
+    reported with finish reason ``"length"``); stop strings are applied first.
+
     ``probs_fn(conversation, labels) -> list[float]`` (optional) backs :meth:`label_probs`; its
     rows are renormalised. ``supports_images`` decides whether image parts are accepted.
     """
@@ -134,7 +142,7 @@ class ScriptedBackend:
         self.calls.append([list(c) for c in conversations])
         out = []
         for c in conversations:
-            text, cut = cut_at_stop(self.reply_fn(c), stop)
+            text, _ = cut_at_stop(self.reply_fn(c), stop)
             words = text.split(" ")
             trunc = len(words) > max_tokens
             text = " ".join(words[:max_tokens])

@@ -21,7 +21,7 @@ import collections
 import dataclasses
 import hashlib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -90,12 +90,12 @@ class CipherTask:
 
 
 DEFAULT_AUX = (  # (code, name, cipher_rate, noise, similarity): the most similar is a noisy one
-    ("a1", "Auxish One", 0.3, 0.35, 0.95),
-    ("a2", "Auxish Two", 0.5, 0.03, 0.90),
-    ("a3", "Auxish Three", 0.2, 0.40, 0.85),
-    ("a4", "Auxish Four", 0.9, 0.00, 0.80),
-    ("a5", "Auxish Five", 0.3, 0.06, 0.75),
-    ("a6", "Auxish Six", 1.0, 0.00, 0.70),
+    ("a1", "Auxish One", 0.3, 0.50, 0.8),
+    ("a2", "Auxish Two", 0.5, 0.03, 0.7),
+    ("a3", "Auxish Three", 0.2, 0.50, 0.6),
+    ("a4", "Auxish Four", 0.9, 0.00, 0.5),
+    ("a5", "Auxish Five", 0.3, 0.06, 0.4),
+    ("a6", "Auxish Six", 1.0, 0.00, 0.3),
 )
 
 

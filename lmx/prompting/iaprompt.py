@@ -15,7 +15,7 @@ of the paper's figure and is marked experimental (spec A.2: [3p]).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -83,6 +83,9 @@ class IAConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
 
 
+DEFAULT_CONFIG = IAConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class IAOutput:
     """One defended query: ``final`` goes to the user; ``intention`` is kept for analysis.
@@ -107,18 +110,18 @@ def _with_system(system: str | None, msgs: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system is not None else []) + msgs
 
 
-def ia_stage1_text(query: str, cfg: IAConfig = IAConfig()) -> str:
+def ia_stage1_text(query: str, cfg: IAConfig = DEFAULT_CONFIG) -> str:
     """``IA_PROMPT + "'''\\n" + query + "\\n'''"`` (spec A.2; no space after the quotes)."""
     _check_query(query)
     return cfg.ia_prompt + cfg.query_delims[0] + query + cfg.query_delims[1]
 
 
-def ia_messages_stage1(query: str, cfg: IAConfig = IAConfig(), system: str | None = None) -> list[dict]:
+def ia_messages_stage1(query: str, cfg: IAConfig = DEFAULT_CONFIG, system: str | None = None) -> list[dict]:
     """Stage-1 conversation: [system?] + user(stage-1 text). Pure, tokenizer-free."""
     return _with_system(system, [{"role": "user", "content": ia_stage1_text(query, cfg)}])
 
 
-def ia_messages_stage2(query: str, intention: str, cfg: IAConfig = IAConfig(),
+def ia_messages_stage2(query: str, intention: str, cfg: IAConfig = DEFAULT_CONFIG,
                        system: str | None = None) -> list[dict]:
     """Stage-2 conversation: [system?] + user(stage-1 text) + assistant(intention) + user(CT_PROMPT)."""
     if not isinstance(intention, str):
@@ -128,7 +131,7 @@ def ia_messages_stage2(query: str, intention: str, cfg: IAConfig = IAConfig(),
                                  {"role": "user", "content": cfg.ct_prompt}])
 
 
-def ia_messages_one_pass(query: str, cfg: IAConfig = IAConfig(), system: str | None = None) -> list[dict]:
+def ia_messages_one_pass(query: str, cfg: IAConfig = DEFAULT_CONFIG, system: str | None = None) -> list[dict]:
     """One-pass conversation (experimental): [system?] + user(ONE_PASS_PROMPT + quoted query)."""
     _check_query(query)
     text = cfg.one_pass_prompt + cfg.query_delims[0] + query + cfg.query_delims[1]
@@ -164,14 +167,15 @@ def _systems(systems: str | Sequence[str | None] | None, n: int) -> list[str | N
 
 
 def _run(backend: ChatBackend, convs: list[list[dict]], max_tokens: int, cfg: IAConfig):
-    kw = dict(max_tokens=max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    kw = {"max_tokens": max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+          "seed": cfg.seed}
     if isinstance(backend, CompletionBackend):
         outs = backend.complete(convs, **kw)
         return [o.text for o in outs], [o.truncated for o in outs]
     return backend.chat(convs, **kw), [None] * len(convs)
 
 
-def ia_defend(backend: ChatBackend, queries: Sequence[str], cfg: IAConfig = IAConfig(),
+def ia_defend(backend: ChatBackend, queries: Sequence[str], cfg: IAConfig = DEFAULT_CONFIG,
               systems: str | Sequence[str | None] | None = None) -> list[IAOutput]:
     """Answer ``queries`` through IAPrompt (two backend calls: all stage 1, then all stage 2).
 
@@ -196,7 +200,7 @@ def ia_defend(backend: ChatBackend, queries: Sequence[str], cfg: IAConfig = IACo
             for q, i, f, t1, t2 in zip(queries, intentions, finals, trunc1, trunc2)]
 
 
-def undefended(backend: ChatBackend, queries: Sequence[str], cfg: IAConfig = IAConfig(),
+def undefended(backend: ChatBackend, queries: Sequence[str], cfg: IAConfig = DEFAULT_CONFIG,
                systems: str | Sequence[str | None] | None = None) -> list[IAOutput]:
     """The baseline with the same decoding: one call, user turn = the raw query."""
     queries = list(queries)

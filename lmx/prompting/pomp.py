@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +161,7 @@ class Graph:
             raise ValueError(f"groups must have >= 2 languages, got {self.groups}")
 
     @classmethod
-    def from_masks(cls, langs: Sequence[str], masks: GraphMasks) -> "Graph":
+    def from_masks(cls, langs: Sequence[str], masks: GraphMasks) -> Graph:
         gen = np.asarray(masks.gen)
         grp = np.asarray(masks.groups)
         on = np.asarray(masks.on)
@@ -172,7 +172,7 @@ class Graph:
         return json.dumps({"gen": list(self.gen), "groups": [list(g) for g in self.groups]})
 
     @classmethod
-    def from_json(cls, text: str) -> "Graph":
+    def from_json(cls, text: str) -> Graph:
         d = json.loads(text)
         return cls(tuple(d["gen"]), tuple(tuple(g) for g in d["groups"]))
 
@@ -332,7 +332,7 @@ def run_graphs(backend: ChatBackend, examples: Sequence[MTExample], graphs: Sequ
     a sentence whose graph has no node keeps its NMT hypothesis."""
     if len(examples) != len(graphs):
         raise ValueError(f"examples ({len(examples)}) and graphs ({len(graphs)}) differ in length")
-    kw = dict(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    kw = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
     gen_prompts = [(i, a, generate_prompt(ex, a, cfg.demos, cfg.lrl, cfg.names))
                    for i, (ex, g) in enumerate(zip(examples, graphs)) for a in g.gen]
     replies = backend.chat([[{"role": "user", "content": p}] for _, _, p in gen_prompts], **kw) \
@@ -380,7 +380,7 @@ class POMPState:
     skipped: int = 0
 
     @classmethod
-    def from_similarity(cls, similarity: Mapping[str, float], eta: float = 1.0) -> "POMPState":
+    def from_similarity(cls, similarity: Mapping[str, float], eta: float = 1.0) -> POMPState:
         """Sort languages by similarity (highest first) and set ``p = exp(cos - 1)``."""
         langs = tuple(sorted(similarity, key=lambda a: -similarity[a]))
         p = np.asarray(init_probs([similarity[a] for a in langs]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

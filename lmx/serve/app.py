@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import Future
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from lmx.backends.base import validate_conversation, validate_sampling
 from lmx.backends.local import LocalBackend, PromptTooLongError
@@ -176,7 +176,7 @@ class ChatServer:
         return f"http://{self.httpd.server_address[0]}:{self.port}/v1"
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "ChatServer":
+    def start(self) -> Self:
         worker = threading.Thread(target=self._worker, name="lmx-serve-worker", daemon=True)
         http = threading.Thread(target=self.httpd.serve_forever, name="lmx-serve-http", daemon=True)
         self._threads = [worker, http]
@@ -201,7 +201,7 @@ class ChatServer:
             if t is not threading.current_thread():
                 t.join(timeout=10)
 
-    def __enter__(self) -> "ChatServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
