@@ -374,7 +374,7 @@ def adamerging(base: PyTree, task_vectors: Sequence[PyTree], objective: Objectiv
                        {"adamerging": hist})
 
 
-def _final_mask(prob, logits, config: ConcreteConfig, key):
+def _final_mask(logits, config: ConcreteConfig, key):
     return rescale_mask(sample_mask(key, logits, config.temperature, config.eval_mask))
 
 
@@ -453,7 +453,7 @@ def concrete_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
     (logits, _), hist = _loop(step, state, const, get_batch, config.steps, batches_per_step=1,
                               offset=0, key=jax.random.fold_in(key, 0), mesh=mesh,
                               desc="concrete-ta", progress=config.progress)
-    mask = _final_mask(prob, logits, config, jax.random.fold_in(key, 1))
+    mask = _final_mask(logits, config, jax.random.fold_in(key, 1))
     params = prob.assemble(merge_float(prob.base, prob.tau, lam, mask, clamp=config.clamp),
                            cast=True)
     return MergeResult(params, lam, prob.to_dict(logits), prob.to_dict(mask),

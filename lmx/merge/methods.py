@@ -32,18 +32,38 @@ Emit = Callable[[str, jax.Array], None]
 class LeafSource(Protocol):
     """Tensor-by-tensor access to a base model and K fine-tuned models (or their task vectors).
 
-    ``names`` is the output order; ``is_float(name)`` says whether a tensor gets merged;
-    ``base(name)`` is theta_0's tensor; ``task_vectors(name)`` the float32 stack ``[K, ...]`` of
-    tau_i for that tensor; ``finetuned(name)`` the stack ``[K, ...]`` of theta_i (for averaging).
+    ``names`` is the output order; ``shape(name)`` a tensor's shape; ``is_float(name)`` whether
+    it gets merged; ``chunk_elems`` (int or None) bounds how many elements one call loads:
+    tensors are then visited in chunks of whole rows along axis 0 (``sl = (r0, r1)``, None for
+    the whole tensor). ``base(name, sl)`` is theta_0's (chunk of the) tensor;
+    ``task_vectors(name, sl)`` the float32 stack ``[K, ...]`` of tau_i; ``finetuned(name, sl)``
+    the stack ``[K, ...]`` of theta_i (for averaging). Every method's result is independent of
+    the chunking, so chunked (streamed) and whole-tensor (in-memory) merges agree bit for bit.
     """
 
     names: list[str]
     n_tasks: int
+    chunk_elems: int | None
 
+    def shape(self, name: str) -> tuple[int, ...]: ...
     def is_float(self, name: str) -> bool: ...
-    def base(self, name: str) -> jax.Array: ...
-    def task_vectors(self, name: str) -> jax.Array: ...
-    def finetuned(self, name: str) -> jax.Array: ...
+    def base(self, name: str, sl: tuple[int, int] | None = None) -> jax.Array: ...
+    def task_vectors(self, name: str, sl: tuple[int, int] | None = None) -> jax.Array: ...
+    def finetuned(self, name: str, sl: tuple[int, int] | None = None) -> jax.Array: ...
+
+
+def units(src: LeafSource) -> list[tuple[str, tuple[int, int] | None]]:
+    """``[(name, sl), ...]``: every tensor in order, split into row chunks of at most
+    ``src.chunk_elems`` elements (at least one row) when that is set."""
+    out = []
+    for name in src.names:
+        shape = src.shape(name)
+        if src.chunk_elems is None or len(shape) == 0 or np.prod(shape) <= src.chunk_elems:
+            out.append((name, None))
+            continue
+        per = max(1, src.chunk_elems // max(1, int(np.prod(shape[1:]))))
+        out += [(name, (r, min(r + per, shape[0]))) for r in range(0, shape[0], per)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,16 +114,25 @@ def _ties_kernel(base, tau, thr, majority, lam, merge, out_dtype):
         agg = jnp.sum(sel, axis=0) / jnp.maximum(jnp.sum(sel != 0, axis=0), 1).astype(jnp.float32)
     else:
         agg = jnp.max(jnp.abs(sel), axis=0) * sign
-    return (base.astype(jnp.float32) + lam * agg).astype(out_dtype)
+    kept = jnp.sum(trimmed != 0)
+    return (base.astype(jnp.float32) + lam * agg).astype(out_dtype), kept
 
 
 @functools.partial(jax.jit, static_argnames=("rescale",))
 def _dare_kernel(tau, keys, p, rescale):
+    # keys [K, R]: one key per task and row, so the drop pattern does not depend on chunking
     def one(t, k):
         keep = jax.random.bernoulli(k, 1.0 - p, t.shape)
         kept = t / (1.0 - p) if rescale else t
         return jnp.where(keep, kept, 0.0)
-    return jax.vmap(one)(tau, keys)
+    return jax.vmap(jax.vmap(one))(tau, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("n_tasks", "n_rows"))
+def _row_keys(leaf_key, r0, n_tasks, n_rows):
+    # [K, R] keys fold_in(fold_in(leaf_key, i), r0 + j)
+    return jax.vmap(lambda i: jax.vmap(lambda r: jax.random.fold_in(
+        jax.random.fold_in(leaf_key, i), r))(r0 + jnp.arange(n_rows)))(jnp.arange(n_tasks))
 
 
 def _abs_bits(x) -> np.ndarray:
@@ -183,10 +212,11 @@ class Average:
     dtype: Any = None
 
     def merge_leaves(self, src: LeafSource, emit: Emit, progress=None) -> dict:
-        bar = _progress(progress, len(src.names))
-        for name in src.names:
-            b = src.base(name)
-            emit(name, _avg_kernel(src.finetuned(name), _out_dtype(self.dtype, b))
+        us = units(src)
+        bar = _progress(progress, len(us))
+        for name, sl in us:
+            b = src.base(name, sl)
+            emit(name, _avg_kernel(src.finetuned(name, sl), _out_dtype(self.dtype, b))
                  if src.is_float(name) else b)
             _tick(bar, name)
         return {"passes": 1}
@@ -203,14 +233,19 @@ class TaskArithmetic:
     dtype: Any = None
 
     def merge_leaves(self, src: LeafSource, emit: Emit, progress=None) -> dict:
-        lam = T.coefficients(self.lam, src.n_tasks)
-        bar = _progress(progress, len(src.names))
-        for name in src.names:
-            b = src.base(name)
-            emit(name, _ta_kernel(b, src.task_vectors(name), lam, _out_dtype(self.dtype, b))
-                 if src.is_float(name) else b)
-            _tick(bar, name)
-        return {"passes": 1}
+        return _ta_leaves(src, emit, progress, T.coefficients(self.lam, src.n_tasks),
+                          src.task_vectors, self.dtype)
+
+
+def _ta_leaves(src, emit, progress, lam, tau_of, dtype) -> dict:
+    us = units(src)
+    bar = _progress(progress, len(us))
+    for name, sl in us:
+        b = src.base(name, sl)
+        emit(name, _ta_kernel(b, tau_of(name, sl), lam, _out_dtype(dtype, b))
+             if src.is_float(name) else b)
+        _tick(bar, name)
+    return {"passes": 1}
 
 
 def _keep_fraction(k: float) -> float:
@@ -263,45 +298,54 @@ class Ties:
 
         -inf keeps everything, +inf keeps nothing."""
         tau_of = tau_of or src.task_vectors
+        wanted = set(names)
+        us = [u for u in units(src) if u[0] in wanted]
         sel = _RadixSelect(src.n_tasks)
-        for n in names:
-            sel.add_pass1(tau_of(n))
+        for n, sl in us:
+            sel.add_pass1(tau_of(n, sl))
         n_keep = self._n_keep(sel.count)
         if n_keep == sel.count:
             return jnp.full((src.n_tasks,), -jnp.inf, jnp.float32)
         if n_keep == 0:
             return jnp.full((src.n_tasks,), jnp.inf, jnp.float32)
         sel.finish_pass1(sel.count - n_keep)
-        for n in names:
-            sel.add_pass2(tau_of(n))
+        for n, sl in us:
+            sel.add_pass2(tau_of(n, sl))
         return jnp.asarray(sel.values())
 
     def merge_leaves(self, src: LeafSource, emit: Emit, progress=None, tau_of=None) -> dict:
         tau_of = tau_of or src.task_vectors
         float_names = [n for n in src.names if src.is_float(n)]
+        us = units(src)
         thr = majority = None
         if self.scope == "global":
             thr = self.thresholds(src, float_names, tau_of)
-            total = sum(int(_elected_sign_sum(tau_of(n), thr)) for n in float_names)
+            total = sum(int(_elected_sign_sum(tau_of(n, sl), thr)) for n, sl in us
+                        if src.is_float(n))
             majority = jnp.float32(np.sign(total))
-        bar = _progress(progress, len(src.names))
+        bar = _progress(progress, len(us))
         kept = total_entries = 0
-        for name in src.names:
-            b = src.base(name)
+        leaf_stats: dict[str, tuple] = {}
+        for name, sl in us:
+            b = src.base(name, sl)
             if not src.is_float(name):
                 emit(name, b)
                 _tick(bar, name)
                 continue
-            tau = tau_of(name)
             if self.scope == "per_leaf":
-                t = self.thresholds(src, [name], tau_of)
-                m = jnp.float32(np.sign(int(_elected_sign_sum(tau, t))))
+                if name not in leaf_stats:
+                    t = self.thresholds(src, [name], tau_of)
+                    signs = sum(int(_elected_sign_sum(tau_of(n, c), t)) for n, c in us if n == name)
+                    leaf_stats = {name: (t, jnp.float32(np.sign(signs)))}
+                t, m = leaf_stats[name]
             else:
                 t, m = thr, majority
-            kept += int(jnp.sum(jnp.abs(tau) >= _bcast(t, tau)))
+            tau = tau_of(name, sl)
+            merged, n_kept = _ties_kernel(b, tau, t, m, jnp.float32(self.lam), self.merge,
+                                          _out_dtype(self.dtype, b))
+            kept += int(n_kept)
             total_entries += int(np.prod(tau.shape))
-            emit(name, _ties_kernel(b, tau, t, m, jnp.float32(self.lam), self.merge,
-                                    _out_dtype(self.dtype, b)))
+            emit(name, merged)
             _tick(bar, name)
         return {"passes": 4 if self.scope == "global" else 1,
                 "thresholds": None if thr is None else np.asarray(thr).tolist(),
@@ -315,8 +359,9 @@ class Dare:
     ``p`` and rescale survivors by 1/(1-p), then combine with task arithmetic (``lam``, default
     0.3) or with ``ties`` (a :class:`Ties`; FusionBench uses lam 0.5 there).
 
-    Randomness: tensor ``name`` of task i uses ``fold_in(fold_in(PRNGKey(seed), crc32(name)),
-    i)``, so the drop pattern is identical in memory and streamed. Raises ValueError for p
+    Randomness: row r (index along axis 0) of tensor ``name`` of task i uses
+    ``fold_in(fold_in(fold_in(PRNGKey(seed), crc32(name)), i), r)``, so the drop pattern is the
+    same in memory and streamed, whole or in row chunks. Raises ValueError for p
     outside [0, 1).
     """
 
@@ -331,10 +376,16 @@ class Dare:
         if not 0.0 <= self.p < 1.0:
             raise ValueError(f"p: drop probability must be in [0, 1), got {self.p}")
 
-    def dropped(self, src: LeafSource, name: str) -> jax.Array:
-        tau = src.task_vectors(name)
-        keys = jax.vmap(lambda i: jax.random.fold_in(
-            _leaf_key(jax.random.PRNGKey(self.seed), name), i))(jnp.arange(tau.shape[0]))
+    def dropped(self, src: LeafSource, name: str, sl: tuple[int, int] | None = None
+                ) -> jax.Array:
+        """Dropped and rescaled task vectors ``[K, ...]`` of (a row chunk of) tensor ``name``."""
+        tau = src.task_vectors(name, sl)
+        leaf = _leaf_key(jax.random.PRNGKey(self.seed), name)
+        if tau.ndim == 1:  # scalar tensor: one key per task
+            keys = _row_keys(leaf, 0, tau.shape[0], 1)
+            return _dare_kernel(tau[:, None], keys, jnp.float32(self.p), self.rescale)[:, 0]
+        r0 = 0 if sl is None else sl[0]
+        keys = _row_keys(leaf, r0, tau.shape[0], tau.shape[1])
         return _dare_kernel(tau, keys, jnp.float32(self.p), self.rescale)
 
     def merge_leaves(self, src: LeafSource, emit: Emit, progress=None) -> dict:
@@ -342,14 +393,8 @@ class Dare:
         if self.ties is not None:
             ties = dataclasses.replace(self.ties, dtype=self.dtype or self.ties.dtype)
             return {**ties.merge_leaves(src, emit, progress, tau_of=tau_of), "combine": "ties"}
-        lam = T.coefficients(self.lam, src.n_tasks)
-        bar = _progress(progress, len(src.names))
-        for name in src.names:
-            b = src.base(name)
-            emit(name, _ta_kernel(b, tau_of(name), lam, _out_dtype(self.dtype, b))
-                 if src.is_float(name) else b)
-            _tick(bar, name)
-        return {"passes": 1, "combine": "ta"}
+        return {**_ta_leaves(src, emit, progress, T.coefficients(self.lam, src.n_tasks),
+                             tau_of, self.dtype), "combine": "ta"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,9 +405,10 @@ class TreeSource:
     """:class:`LeafSource` over in-memory pytrees (base + task vectors and/or fine-tuned)."""
 
     def __init__(self, base: PyTree, tvs: Sequence[PyTree] | None = None,
-                 finetuned: Sequence[PyTree] | None = None):
+                 finetuned: Sequence[PyTree] | None = None, *, chunk_elems: int | None = None):
         self._base = dict(T.named_leaves(base))
         self.names = list(self._base)
+        self.chunk_elems = chunk_elems
         self._tau = self._ft = None
         if tvs is not None:
             T.check_task_vectors(base, tvs)
@@ -374,29 +420,38 @@ class TreeSource:
             self._ft = [dict(T.named_leaves(m)) for m in finetuned]
         self.n_tasks = len(self._tau if self._tau is not None else self._ft)
 
+    def shape(self, name):
+        return tuple(np.shape(self._base[name]))
+
     def is_float(self, name):
         return T.is_float(self._base[name])
 
-    def base(self, name):
-        return self._base[name]
+    @staticmethod
+    def _cut(x, sl):
+        return x if sl is None else x[sl[0]:sl[1]]
 
-    def task_vectors(self, name):
-        return jnp.stack([jnp.asarray(t[name]) for t in self._tau])
+    def base(self, name, sl=None):
+        return self._cut(self._base[name], sl)
 
-    def finetuned(self, name):
-        return jnp.stack([jnp.asarray(m[name]) for m in self._ft])
+    def task_vectors(self, name, sl=None):
+        return jnp.stack([jnp.asarray(self._cut(t[name], sl)) for t in self._tau])
+
+    def finetuned(self, name, sl=None):
+        return jnp.stack([jnp.asarray(self._cut(m[name], sl)) for m in self._ft])
 
 
 def merge_tree(method, base: PyTree, task_vectors: Sequence[PyTree] | None = None,
-               finetuned: Sequence[PyTree] | None = None, *, return_stats: bool = False):
-    """Run a data-free ``method`` (``Average``/``TaskArithmetic``/``Ties``/``Dare``) in memory.
+               finetuned: Sequence[PyTree] | None = None, *, return_stats: bool = False,
+               chunk_elems: int | None = None):
+    """Run a data-free ``method`` (``Average``/``TaskArithmetic``/``Ties``/``Dare``) in memory
+    (whole tensors, or row chunks of at most ``chunk_elems`` elements: same result).
 
     Returns a pytree with ``base``'s structure (and the method's stats dict if asked).
     """
-    src = TreeSource(base, task_vectors, finetuned)
-    out: dict[str, jax.Array] = {}
-    stats = method.merge_leaves(src, out.__setitem__)
-    leaves = [out[n] for n in src.names]
+    src = TreeSource(base, task_vectors, finetuned, chunk_elems=chunk_elems)
+    out: dict[str, list] = {}
+    stats = method.merge_leaves(src, lambda n, x: out.setdefault(n, []).append(x))
+    leaves = [v[0] if len(v) == 1 else jnp.concatenate(v) for v in (out[n] for n in src.names)]
     merged = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base), leaves)
     return (merged, stats) if return_stats else merged
 

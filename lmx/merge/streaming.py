@@ -9,8 +9,9 @@ Opening a file costs one header parse, negligible next to the tensor read.
 Writing: the output header (names, dtypes, shapes, offsets) is known before any tensor is merged,
 so :class:`SafetensorsWriter` writes the header first and appends each merged tensor as soon as
 it is produced; the merged model is never held in memory. Peak memory is therefore set by the
-largest tensor: about (2K + 3) copies of it in float32 for K fine-tuned models, plus the
-interpreter.
+chunk size, not by the model: tensors larger than ``chunk_elems`` (default 2^20 elements) are
+read (``get_slice``), merged and written in row chunks, so about (2K + 4) float32 chunks of
+4 MiB are live for K fine-tuned models, plus the interpreter (JAX alone is ~225 MiB).
 
 The merge itself is the same per-tensor engine as in memory (:mod:`lmx.merge.methods`), so a
 streamed merge equals the in-memory merge bit for bit.
@@ -102,12 +103,13 @@ class SafetensorsCheckpoint:
     def is_float(self, name: str) -> bool:
         return self.info[name][0] in _FLOAT_ST
 
-    def read(self, name: str) -> np.ndarray:
-        """Load one tensor as numpy (short-lived handle). Raises KeyError naming the tensor."""
+    def read(self, name: str, sl: tuple[int, int] | None = None) -> np.ndarray:
+        """Load one tensor, or rows ``sl = (r0, r1)`` of it along axis 0, as numpy (short-lived
+        handle). Raises KeyError naming the tensor."""
         if name not in self.file_of:
             raise KeyError(f"tensor {name!r} not in checkpoint {self.path}")
         with safe_open(str(self.file_of[name]), framework="numpy") as h:
-            return h.get_tensor(name)
+            return h.get_tensor(name) if sl is None else h.get_slice(name)[sl[0]:sl[1]]
 
 
 def _data_order(files: Sequence[pathlib.Path], info: dict) -> list[str]:
@@ -149,38 +151,54 @@ class SafetensorsWriter:
         self._fh = open(self.path, "wb")
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
-        self._next = 0
+        self._next = self._done = 0
         self.nbytes = 8 + len(raw) + off
 
     def write(self, name: str, array: Any) -> None:
+        """Append tensor ``name`` whole or as consecutive row chunks (slices along axis 0)."""
         if self._next >= len(self.specs):
             raise ValueError(f"tensor {name!r}: all {len(self.specs)} tensors already written")
         want, dtype, shape = self.specs[self._next]
-        arr = np.asarray(array)
-        if name != want or arr.dtype != dtype or arr.shape != shape:
+        arr = np.ascontiguousarray(array)
+        total = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        fits = arr.shape == shape or (arr.ndim == len(shape) and arr.ndim > 0
+                                      and arr.shape[1:] == shape[1:])
+        if name != want or arr.dtype != dtype or not fits or self._done + arr.nbytes > total:
             raise ValueError(f"tensor {name!r} {arr.dtype}{list(arr.shape)}: expected tensor "
-                             f"{want!r} {dtype}{list(shape)} next")
-        self._fh.write(np.ascontiguousarray(arr).tobytes())
-        self._next += 1
+                             f"{want!r} {dtype}{list(shape)} next ({self._done} of {total} "
+                             f"bytes written)")
+        # write from the array's own buffer (no bytes copy of the tensor)
+        self._fh.write(arr.reshape(-1).view(np.uint8))
+        self._done += arr.nbytes
+        if self._done == total:
+            self._next, self._done = self._next + 1, 0
 
     def close(self) -> None:
         self._fh.close()
         if self._next != len(self.specs):
             missing = [s[0] for s in self.specs[self._next:]]
-            raise ValueError(f"{self.path}: {len(missing)} tensors never written, e.g. {missing[:3]}")
+            raise ValueError(f"{self.path}: {len(missing)} tensors not (fully) written, "
+                             f"e.g. {missing[:3]}")
 
 
 class CheckpointSource:
     """:class:`lmx.merge.methods.LeafSource` over safetensors checkpoints, validated up front.
 
+    Tensors above ``chunk_elems`` elements (default 2^20, 4 MiB in float32) are read and merged
+    in row chunks, so the working set is bounded whatever the largest tensor (an LLM's
+    embedding) is.
+
     Raises ValueError naming the tensor and checkpoint when a fine-tuned checkpoint lacks a
     tensor, has an extra one, or a shape differs; TypeError when a dtype differs.
     """
 
-    def __init__(self, base: SafetensorsCheckpoint, models: Sequence[SafetensorsCheckpoint]):
+    def __init__(self, base: SafetensorsCheckpoint, models: Sequence[SafetensorsCheckpoint],
+                 chunk_elems: int | None = 1 << 20):
+        self.chunk_elems = chunk_elems
         if len(models) == 0:
             raise ValueError("models: need at least one fine-tuned checkpoint, got 0")
         self.base_ckpt, self.models = base, list(models)
+        self._last: tuple[tuple, np.ndarray] | None = None
         self.names = base.names
         self.n_tasks = len(models)
         for m in self.models:
@@ -198,24 +216,30 @@ class CheckpointSource:
                     raise TypeError(f"tensor {n!r}: checkpoint {m.path} has dtype {m.dtype(n)}, "
                                     f"base has {base.dtype(n)}")
 
+    def shape(self, name):
+        return self.base_ckpt.shape(name)
+
     def is_float(self, name):
         return self.base_ckpt.is_float(name)
 
-    def base(self, name):
-        # numpy as read: non-float tensors (e.g. int64 ids) pass through without a jax cast
-        return self.base_ckpt.read(name)
+    def base(self, name, sl=None):
+        # numpy as read: non-float tensors (e.g. int64 ids) pass through without a jax cast.
+        # The last base chunk is kept: every method asks for base and task vectors in a row.
+        if self._last is None or self._last[0] != (name, sl):
+            self._last = ((name, sl), self.base_ckpt.read(name, sl))
+        return self._last[1]
 
-    def task_vectors(self, name):
+    def task_vectors(self, name, sl=None):
         # numpy float32 subtraction is the same IEEE operation as lmx.merge.tree's, bit for bit.
-        base32 = self.base_ckpt.read(name).astype(np.float32)
+        base32 = self.base(name, sl).astype(np.float32)
         tau = np.empty((self.n_tasks,) + base32.shape, np.float32)
         for i, m in enumerate(self.models):
-            tau[i] = m.read(name).astype(np.float32)
+            tau[i] = m.read(name, sl).astype(np.float32)
             tau[i] -= base32
         return jnp.asarray(tau)
 
-    def finetuned(self, name):
-        return jnp.asarray(np.stack([m.read(name) for m in self.models]))
+    def finetuned(self, name, sl=None):
+        return jnp.asarray(np.stack([m.read(name, sl) for m in self.models]))
 
 
 def _shards(specs, max_shard_bytes):
@@ -232,26 +256,45 @@ def _shards(specs, max_shard_bytes):
     return shards + [cur]
 
 
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    # glibc raises its mmap threshold after each large free (up to 32 MiB), after which
+    # tensor-sized buffers come from the heap and are not returned: RSS then ratchets up by
+    # several tensors. Fixing the threshold keeps buffers >= 1 MiB mmapped, freed on release,
+    # so peak RSS follows the live working set. No-op where glibc's mallopt is unavailable.
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return
+
+
 def stream_merge(method, base: str | os.PathLike, models: Sequence[str | os.PathLike],
                  output: str | os.PathLike, *, dtype: Any = None,
                  max_shard_bytes: int | None = None, progress: bool = True,
-                 copy_files: bool = True) -> dict:
+                 copy_files: bool = True, chunk_elems: int | None = 1 << 20) -> dict:
     """Merge safetensors checkpoints with a data-free ``method`` without loading whole models.
 
     ``output`` is an HF-layout directory: ``model.safetensors`` (or shards plus
     ``model.safetensors.index.json`` when ``max_shard_bytes`` is set); non-weight files of a
     base directory (``config.json``, tokenizer files) are copied when ``copy_files``. ``dtype``
-    casts every float tensor (default: keep each tensor's dtype). Returns a summary dict with
+    casts every float tensor (default: keep each tensor's dtype); ``chunk_elems`` bounds the
+    elements loaded per step (see :class:`CheckpointSource`). Returns a summary dict with
     tensor count, bytes read/written, seconds, throughput and the method's own stats.
     """
     import dataclasses
 
     from tqdm.auto import tqdm
 
+    _fixed_mmap_threshold()
     t0 = time.perf_counter()
     base_ckpt = SafetensorsCheckpoint(base)
     model_ckpts = [SafetensorsCheckpoint(m) for m in models]
-    src = CheckpointSource(base_ckpt, model_ckpts)
+    src = CheckpointSource(base_ckpt, model_ckpts, chunk_elems)
     if dtype is not None:
         method = dataclasses.replace(method, dtype=jnp.dtype(dtype))
     out_dir = pathlib.Path(output)

@@ -12,7 +12,7 @@ protocol of the Concrete/AdaMerging papers).
 - References: the pre-trained backbone, each fine-tuned backbone on its own task ("individual"),
   and a backbone fine-tuned jointly on all tasks ("multi-task", traditional MTL).
 - Unlabeled inputs for the entropy objectives: the held-out images of each task, drawn by a
-  shuffled, cycled loader (:meth:`ToyTasks.unlabeled_batches`).
+  shuffled, cycled loader (:meth:`ToyTasks.batches`).
 
 Requires scikit-learn (raises ImportError with a hint otherwise).
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from lmx.merge import methods as M
+from lmx.merge.learned import entropy
 
 _PERM = np.random.default_rng(12345).permutation(64)
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -47,7 +48,8 @@ class ToyConfig:
     """Sizes and schedules (spec 5.4 prototype settings, but probes by sklearn logistic regression
     (inverse regularisation ``probe_c``) and Adam on minibatches of
     ``train_batch`` instead of full batches: 5x less compute at the same step counts).
-    ``tasks``: names from TRANSFORMS; ``batch_per_task``: unlabeled batch of the learned merges."""
+    ``tasks``: names from TRANSFORMS; ``batch_per_task``: unlabeled batch of the learned merges;
+    ``multitask``: also train the joint multi-task reference (``ToyTasks.multitask``, else None)."""
 
     tasks: tuple[str, ...] = ("rot90", "hflip", "invert", "permute", "rot180", "transpose")
     hidden: int = 64
@@ -60,6 +62,7 @@ class ToyConfig:
     finetune_steps: int = 600
     finetune_lr: float = 1e-3
     train_batch: int = 128
+    multitask: bool = True
     batch_per_task: int = 16
 
     def __post_init__(self):
@@ -123,10 +126,14 @@ def _probe(bb, x, y, c_reg):
 
     heads = []
     for xk, yk in zip(np.asarray(x), np.asarray(y)):
-        feats = np.asarray(backbone(bb, jnp.asarray(xk)))
-        clf = LogisticRegression(C=c_reg, max_iter=5000).fit(feats, yk)
-        heads.append({"w": jnp.asarray(clf.coef_.T, jnp.float32),
-                      "b": jnp.asarray(clf.intercept_, jnp.float32)})
+        feats = np.asarray(backbone(bb, jnp.asarray(xk)), np.float64)
+        # Standardised features converge in a few dozen lbfgs steps (raw ReLU features need
+        # thousands); the scaling is folded back into the head so it acts on raw features.
+        mu, sd = feats.mean(0), feats.std(0) + 1e-6
+        clf = LogisticRegression(C=c_reg, max_iter=1000).fit((feats - mu) / sd, yk)
+        w = clf.coef_.T / sd[:, None]
+        heads.append({"w": jnp.asarray(w, jnp.float32),
+                      "b": jnp.asarray(clf.intercept_ - mu @ w, jnp.float32)})
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *heads)
 
 
@@ -154,6 +161,19 @@ def _accuracy(bb, heads, x, y):
 
 def _unstack(tree, i):
     return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def entropy_objective(params, batch) -> jax.Array:
+    """AdaMerging entropy surrogate for a :meth:`ToyTasks.batches` batch (frozen heads travel in
+    the batch, so one module-level objective serves every seed and its jitted step is reused)."""
+    return sum(jnp.mean(entropy(_head(_unstack(batch["heads"], k), backbone(params, x))))
+               for k, x in enumerate(batch["x"]))
+
+
+def cross_entropy_objective(params, batch) -> jax.Array:
+    """Supervised surrogate (spec 5.5): sum_k mean CE on a labelled :meth:`ToyTasks.batches`."""
+    return sum(_xent(_head(_unstack(batch["heads"], k), backbone(params, x)), y)
+               for k, (x, y) in enumerate(zip(batch["x"], batch["y"])))
 
 
 class ToyTasks:
@@ -196,7 +216,7 @@ class ToyTasks:
         self.finetuned = [_unstack(ft, i) for i in range(len(self.tasks))]
         self.multitask = _multitask(k_mtl, self.base, self.heads, self.x["finetune"],
                                     self.y["finetune"], c.finetune_steps, c.finetune_lr,
-                                    c.train_batch)
+                                    c.train_batch) if c.multitask else None
 
     @property
     def n_tasks(self) -> int:
@@ -214,29 +234,26 @@ class ToyTasks:
         """Accuracy of fine-tuned model k on task k, ``[K]``."""
         return np.array([self.accuracy(p, split)[k] for k, p in enumerate(self.finetuned)])
 
-    def unlabeled_batches(self, split: str = "heldout", *, labels: bool = False, seed: int = 0
-                          ) -> Callable[[int], list]:
-        """``get_batch(step)``: per task ``batch_per_task`` inputs (and labels when ``labels``)
-        from a shuffled, cycled pass over ``split``; deterministic in ``step``."""
+    def batches(self, split: str = "heldout", *, labels: bool = False, seed: int = 0
+                ) -> Callable[[int], dict]:
+        """``get_batch(step)`` -> ``{"heads", "x": [K x [b, 64]], ("y")}``: per task
+        ``batch_per_task`` inputs (labels when ``labels``) from a shuffled, cycled pass over
+        ``split``; deterministic in ``step``. For :func:`entropy_objective` (unlabeled) and
+        :func:`cross_entropy_objective` (labelled)."""
         x, y = np.asarray(self.x[split]), np.asarray(self.y[split])
         n, b = x.shape[1], self.config.batch_per_task
         per_epoch = n // b
 
-        def get_batch(step: int) -> list:
+        def get_batch(step: int) -> dict:
             epoch, pos = divmod(step, per_epoch)
-            out = []
-            for k in range(x.shape[0]):
-                perm = np.random.default_rng((seed, k, epoch)).permutation(n)[pos * b:(pos + 1) * b]
-                out.append((x[k, perm], y[k, perm]) if labels else x[k, perm])
+            idx = [np.random.default_rng((seed, k, epoch)).permutation(n)[pos * b:(pos + 1) * b]
+                   for k in range(x.shape[0])]
+            out = {"heads": self.heads, "x": [x[k, i] for k, i in enumerate(idx)]}
+            if labels:
+                out["y"] = [y[k, i] for k, i in enumerate(idx)]
             return out
 
         return get_batch
-
-    def cross_entropy_objective(self) -> Callable[[Any, list], jax.Array]:
-        """Supervised surrogate sum_k mean CE on labelled batches (spec 5.5)."""
-        def objective(params, batch):
-            return sum(_xent(self.apply(params, k, xy[0]), xy[1]) for k, xy in enumerate(batch))
-        return objective
 
     def regmean_grams(self, n_examples: int = 256) -> list[dict[str, jax.Array]]:
         """Per fine-tuned model: X^T X of its linear layers' inputs on its own task's
