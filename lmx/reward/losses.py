@@ -17,20 +17,9 @@ KL_MODES = ("diag_sum", "diag_mean", "official_dimmean")
 PAIR_REDUCTIONS = ("sum_pair", "mean_2B")
 
 
-# ``jax.core.Tracer`` is the documented way to detect tracing; fall back to "concrete" checks via
-# conversion if a future jax moves it.
-_TRACER = getattr(jax.core, "Tracer", None)
-
-
 def _is_concrete(x: Any) -> bool:
-    """True when ``x`` has values on the host side (not a tracer inside jit/grad)."""
-    if _TRACER is not None:
-        return not isinstance(x, _TRACER)
-    try:
-        np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return False
-    return True
+    """True when ``x`` has host-visible values (not a tracer inside jit/grad)."""
+    return not isinstance(x, jax.core.Tracer)
 
 
 def _check_finite(name: str, x: Any) -> None:
