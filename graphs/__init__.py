@@ -1,0 +1,20 @@
+"""Graph Transformers (GraphTrans, Graphormer, GraphGPS) on jraph with GTSP sparsification.
+
+See docs/graphs.md and shared/specs/gtsp_graphs.md. Modules: ``data`` (GraphsTuple batches,
+featurisation, offline datasets), ``models`` (backbones + GTSP gates), ``gtsp`` (schedules,
+mask updates, clean export), ``flops`` (analytic counter), ``metrics`` (OGB definitions),
+``train`` (fit / evaluate / checkpoints), ``parallel`` (data mesh).
+"""
+from graphs.data import (BatchSpec, GraphBatch, GraphDataset, collate, from_tfds_examples,
+                         key_retrieval, load_freesolv, load_mutag, load_nci_tpsa, load_ogb_raw,
+                         load_solubility, make_batches, smiles_to_graph, spd_parity,
+                         validate_graphs)
+from graphs.gtsp import GTSPConfig, export_clean
+from graphs.models import Gates, GraphModel, GTConfig, config_for, full_gates, make_model
+from graphs.train import FitConfig, evaluate, fit
+
+__all__ = ["BatchSpec", "GraphBatch", "GraphDataset", "collate", "from_tfds_examples",
+           "key_retrieval", "load_freesolv", "load_mutag", "load_nci_tpsa", "load_ogb_raw",
+           "load_solubility", "make_batches", "smiles_to_graph", "spd_parity", "validate_graphs",
+           "GTSPConfig", "export_clean", "Gates", "GraphModel", "GTConfig", "config_for",
+           "full_gates", "make_model", "FitConfig", "evaluate", "fit"]

@@ -1,0 +1,197 @@
+"""Benchmark ``graphs``: GraphTrans / Graphormer / GraphGPS, unpruned vs GTSP per axis.
+
+Protocol (per dataset x backbone x seed): train the dense model ``dense_steps``; then, from that
+checkpoint, fine-tune ``finetune_steps`` under each GTSP setting (one axis at a time at each
+sparsity, plus all four axes together); the "dense" row gets the same extra steps without
+pruning. Clean-mode models are exported (physically smaller) and evaluated as exported;
+faithful-mode models are evaluated with their masks (S1 semantics). FLOPs are the analytic
+core FLOPs per test graph (unpadded): executed for clean exports, theoretical (spec §1.7) for
+faithful masks. Inference time: median over repeats of a jitted forward over all graphs of the
+dataset in padded batches (seed 0 only).
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import block, timeit
+from graphs import data, flops, gtsp, models, train
+
+
+def _dataset(name: str, seed: int, max_graphs: int | None):
+    """(dataset, train_idx, test_idx, primary metric)."""
+    if name == "mutag":
+        ds = data.load_mutag()
+        perm = np.random.default_rng(seed).permutation(len(ds))
+        cut = int(0.8 * len(ds))
+        return ds, perm[:cut], perm[cut:], "accuracy"
+    if name == "solubility":
+        tr, te = data.load_solubility("train"), data.load_solubility("test")
+        if max_graphs:
+            keep = np.random.default_rng(0).permutation(len(tr))[:max_graphs]
+            tr = tr.subset(np.sort(keep))
+        ds = data.GraphDataset("solubility", tr.graphs + te.graphs,
+                               np.concatenate([tr.labels, te.labels]), "binary",
+                               tr.node_vocab, tr.edge_vocab)
+        return ds, np.arange(len(tr)), np.arange(len(tr), len(ds)), "rocauc"
+    if name == "key_retrieval":
+        ds = data.key_retrieval(max_graphs or 400, seed=0, n_range=(24, 40))
+        cut = int(0.8 * len(ds))
+        return ds, np.arange(cut), np.arange(cut, len(ds)), "accuracy"
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def _settings(cfg: dict, first_seed: bool) -> list[tuple[str, str, float, gtsp.GTSPConfig]]:
+    """GTSP settings of one seed; with ``sweep_first_seed_only`` only the first entry of
+    ``sparsities`` runs on every seed (the others on the first seed)."""
+    out = []
+    modes = ["clean"] + (["faithful"] if cfg.get("faithful") else [])
+    sps = cfg["sparsities"] if first_seed or not cfg.get("sweep_first_seed_only") \
+        else cfg["sparsities"][:1]
+    for mode in modes:
+        for axis in cfg["axes"]:
+            for s in sps:
+                out.append((mode, axis, s, gtsp.GTSPConfig(mode=mode, **{axis: s})))
+    for s in cfg.get("combined", []):
+        out.append(("clean", "all4", s, gtsp.GTSPConfig(mode="clean", token=s, head=s, layer=s,
+                                                        weight=s)))
+    return out
+
+
+def _with_schedule(g: gtsp.GTSPConfig, steps: int) -> gtsp.GTSPConfig:
+    import dataclasses
+
+    return dataclasses.replace(g, update_every=max(1, steps // 8), prune_start=0.0,
+                               prune_end=0.75)
+
+
+def _time_model(model, batches, gates=None, mode="clean", repeats=5, warmup=1):
+    """Median wall time of the jitted eval forward over ``batches`` (compile excluded)."""
+    gd, state = nnx.split(model)
+    fwd = train._forward(gd, mode)
+    key = jax.random.key(0)
+
+    def run():
+        return block([fwd(state, b, gates, key) for b in batches])
+
+    return timeit(run, repeats=repeats, warmup=warmup)["median_s"]
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    t_start = time.perf_counter()
+    mc = config["model"]
+    rows, raw = [], []
+    for ds_name in config["datasets"]:
+        for bb in config["backbones"]:
+            per_setting: dict = {}
+            timing: dict = {}
+            flop: dict = {}
+            for seed in config["seeds"]:
+                ds, tr, te, metric = _dataset(ds_name, seed, config.get("max_graphs"))
+                cfg = models.config_for(ds, bb, **mc)
+                fit_dense = train.FitConfig(steps=config["dense_steps"], lr=config["lr"],
+                                            batch_size=config["batch_size"], seed=seed)
+                fit_ft = train.FitConfig(steps=config["finetune_steps"], lr=config["lr"] / 2,
+                                         batch_size=config["batch_size"], seed=seed + 1000,
+                                         warmup=1)
+                dense = train.fit(models.make_model(cfg, seed=seed), ds, tr, fit_dense).model
+                test_graphs = [ds.graphs[i] for i in te]
+                # one padding budget for the test and timing batches: one compile per model
+                budget = data.bucket_budgets(ds, config["time_batch"], num_buckets=1)
+                spec = cfg.batch_spec()
+                tbatches = data.make_batches(ds, te, config["time_batch"], spec=spec,
+                                             buckets=budget)
+                abatches = data.make_batches(ds, np.arange(len(ds)), config["time_batch"],
+                                             spec=spec, buckets=budget)
+                first = seed == config["seeds"][0]
+
+                def measure(model, gates=None, mode="clean"):
+                    p, y = train.predict(model, tbatches, gates, mode=mode)
+                    ev = train.score(ds.task, p, y)
+                    t = _time_model(model, abatches, gates, mode, config["repeats"]) if first \
+                        else None
+                    return ev, t
+
+                base = train.fit(nnx.clone(dense), ds, tr, fit_ft).model
+                ev, t = measure(base)
+                per_setting.setdefault(("dense", "-", 0.0), []).append(ev[metric])
+                flop[("dense", "-", 0.0)] = flops.dataset_flops(cfg, test_graphs)
+                if first:
+                    timing[("dense", "-", 0.0)] = t
+                for mode, axis, s, g in _settings(config, first):
+                    g = _with_schedule(g, config["finetune_steps"])
+                    r = train.fit(nnx.clone(dense), ds, tr, fit_ft, g)
+                    key = (mode, axis, s)
+                    if mode == "clean":
+                        tok = 1.0 - g.token if g.token > 0 else None
+                        ex = gtsp.export_clean(r.model, head_mask=r.head_mask,
+                                               layer_keep=r.layer_keep, ffn_units=r.ffn_units,
+                                               token_keep=tok)
+                        ev, t = measure(ex)
+                        flop[key] = flops.dataset_flops(ex.cfg, test_graphs)
+                    else:
+                        ev, t = measure(r.model, r.gates, "faithful")
+                        flop[key] = float(np.mean([flops.faithful_flops(
+                            cfg, int(gr.n_node[0]), int(gr.n_edge[0]), token_keep=1 - g.token,
+                            head_density=1 - g.head, weight_density=1 - g.weight)["core"]
+                            for gr in test_graphs]))
+                    if first:
+                        timing[key] = t
+                    per_setting.setdefault(key, []).append(ev[metric])
+                    print(f"[graphs] {ds_name} {bb} seed={seed} {mode}:{axis}:{s} "
+                          f"{metric}={ev[metric]:.4f} ({time.perf_counter() - t_start:.0f}s)",
+                          file=sys.stderr, flush=True)
+                    raw.append({"dataset": ds_name, "backbone": bb, "seed": seed, "mode": mode,
+                                "axis": axis, "sparsity": s, **ev})
+            d_metric = float(np.mean(per_setting[("dense", "-", 0.0)]))
+            d_flops = flop[("dense", "-", 0.0)]
+            d_time = timing[("dense", "-", 0.0)]
+            for key, vals in per_setting.items():
+                mode, axis, s = key
+                rows.append({
+                    "dataset": ds_name, "backbone": bb, "mode": mode, "axis": axis,
+                    "sparsity": s, "metric": metric, "mean": float(np.mean(vals)),
+                    "std": float(np.std(vals)), "n_seeds": len(vals),
+                    "delta_pts": 100 * (float(np.mean(vals)) - d_metric),
+                    "MFLOPs/graph": flop[key] / 1e6,
+                    "flops_cut_%": 100 * (1 - flop[key] / d_flops),
+                    "infer_ms": 1e3 * timing[key], "speedup": d_time / timing[key]})
+    plots = _plot(rows, out_dir)
+    return {"summary": rows, "raw": raw, "plots": plots,
+            "elapsed_s": time.perf_counter() - t_start}
+
+
+def _plot(rows: list, out_dir: pathlib.Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    groups = sorted({(r["dataset"], r["backbone"]) for r in rows})
+    n = len(groups)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for ax, (ds, bb) in zip(axes[0], groups):
+        for r in rows:
+            if (r["dataset"], r["backbone"]) != (ds, bb):
+                continue
+            ax.scatter(r["flops_cut_%"], r["delta_pts"],
+                       marker="o" if r["mode"] == "clean" else "x",
+                       label=f"{r['mode']}:{r['axis']}:{r['sparsity']}")
+        ax.axhline(-1.0, ls="--", lw=0.8)
+        ax.axvline(30.0, ls="--", lw=0.8)
+        ax.set_title(f"{bb} / {ds}")
+        ax.set_xlabel("FLOPs cut %")
+        ax.set_ylabel("metric delta (points)")
+    fig.tight_layout()
+    p = out_dir / "graphs_tradeoff.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    paths.append(str(p))
+    return paths
