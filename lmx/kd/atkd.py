@@ -102,7 +102,8 @@ def target_decomposition(log_q: Array, log_p: Array, targets: Array, direction: 
       targets: int ``[...]`` target token per row (a legal index).
       direction: ``"forward"`` or ``"reverse"``.
     Returns:
-      ``(tckd, nckd, log_unc_teacher, log_unc_student)``, each ``[...]``; ``log_unc = log(1 - x_g)``.
+      ``(tckd, nckd, log_unc_teacher, log_unc_student)``, each ``[...]``;
+      ``log_unc = log(1 - x_g)``.
       NCKD does not depend on the student's target logit; TCKD depends on the student only
       through ``q_g``.
     Raises:
@@ -132,7 +133,8 @@ def target_decomposition(log_q: Array, log_p: Array, targets: Array, direction: 
 def atkd_threshold(log_unc: Array, mask: Array, hard_fraction: float = 0.5) -> Array:
     """Split threshold over the valid entries of ``log_unc`` (any shape), spec section 4 step 3.
 
-    With ``u`` the ascending valid values and ``n`` their count: ``theta = u[floor((1 - k)(n - 1))]``
+    With ``u`` the ascending valid values and ``n`` their count:
+    ``theta = u[floor((1 - k)(n - 1))]``
     (k = 0.5: the lower median, as the official code). A token is hard iff valid and
     ``log_unc >= theta`` (ties go to hard). Returns ``+inf`` when ``n = 0`` (no hard token).
     Works under ``jit`` (the index is traced). Raises ValueError for ``k`` outside (0, 1] or

