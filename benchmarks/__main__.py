@@ -53,7 +53,7 @@ def _reexec_with_caching_allocator() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     ap.add_argument("suite", help="a suite name, 'quick' (all suites, quick preset) or 'list'")
-    ap.add_argument("--preset", default="quick", choices=["quick", "full", "gpu", "smoke"])
+    ap.add_argument("--preset", default="quick", help="a preset of configs/bench/<suite>.json (quick, full, gpu, ...)")
     ap.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR)
     args = ap.parse_args(argv)
     if args.suite == "list":
