@@ -1,10 +1,10 @@
 """Training / evaluation with GTSP schedules, data-parallel sharding and orbax checkpoints.
 
 A step sees a stack of ``D`` equally-shaped padded batches (leading axis sharded over the mesh's
-``data`` axis, parameters replicated); the loss is the SUM over all shards divided by the GLOBAL
-count of labelled (graph, task) pairs, so D shards of one batch give the same gradient as one
-device. Batch order is a pure function of (seed, epoch), so resuming from a checkpoint continues
-the same data stream.
+``data`` x ``fsdp`` axes, ``D = data*fsdp``; parameters replicated); the loss is the SUM over all
+shards divided by the GLOBAL count of labelled (graph, task) pairs, so D shards of one batch give
+the same gradient as one device. Batch order is a pure function of (seed, epoch), so resuming
+from a checkpoint continues the same data stream.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from graphs import gtsp as G
 from graphs import metrics
 from graphs.data import GraphBatch, GraphDataset, bucket_budgets, make_batches, stack_batches
 from graphs.models import Gates, GraphModel
-from graphs.parallel import batch_sharding, data_mesh, replicated
+from graphs.parallel import batch_sharding, data_mesh, data_parallel_size, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,22 +188,24 @@ def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConf
         callback: Callable[[int, float], None] | None = None) -> FitResult:
     """Train ``model`` on ``ds[train_idx]`` with GTSP ``gcfg`` (``None`` = unpruned).
 
-    Data-parallel over ``mesh`` (default: a 1-device mesh). With ``cfg.ckpt_dir`` the state
-    (params, optimizer, masks, GTSP state, step) is saved every ``ckpt_every`` steps and training
-    resumes from the latest checkpoint. Returns the trained (masked) model, its gates and masks.
+    Data-parallel over ``mesh`` (an ``lmx.parallel.make_mesh`` mesh; default: one device), one
+    stacked batch per ``data*fsdp`` shard. With ``cfg.ckpt_dir`` the state (params, optimizer,
+    masks, GTSP state, step) is saved every ``ckpt_every`` steps and training resumes from the
+    latest checkpoint. Returns the trained (masked) model, its gates and masks.
     """
     gcfg = gcfg or G.GTSPConfig()
     mcfg = model.cfg
     L, H, F = mcfg.n_layers, mcfg.n_heads, mcfg.d_ff
     mesh = mesh or data_mesh(1)
-    D = mesh.shape["data"]
+    D = data_parallel_size(mesh)
     rng_np = np.random.default_rng(gcfg.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = _optimizer(cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.clip)
     rep, bsh = replicated(mesh), batch_sharding(mesh)
     params = jax.device_put(params, rep)
     opt_state = jax.device_put(tx.init(params), rep)
-    masks = G.ones_masks(params)
+    # placed like the masks GTSP events write back, so the train step compiles once per shape
+    masks = jax.device_put(G.ones_masks(params), rep)
     # faithful: S1's random initial active set; clean: start dense, prune progressively
     head_mask = G.initial_heads(L, H, 1.0 - gcfg.head, rng_np, gcfg.mode) \
         if gcfg.head > 0 and gcfg.mode == "faithful" else np.ones((L, H), np.float32)
@@ -307,7 +309,10 @@ def layer_importance(model: GraphModel, ds: GraphDataset, idx, cfg: FitConfig, g
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     grad_fn = make_event_grads(graphdef, ds.task, mode)
     masks = G.ones_masks(params)
-    bs = make_batches(ds, idx, cfg.batch_size, spec=model.cfg.batch_spec())[:max_batches]
+    # the training buckets: the gradient function compiles once per bucket shape
+    bs = make_batches(ds, idx, cfg.batch_size, spec=model.cfg.batch_spec(),
+                      buckets=bucket_budgets(ds.subset(idx), cfg.batch_size,
+                                             cfg.num_buckets))[:max_batches]
     imp = np.zeros(model.cfg.n_layers)
     for i, b in enumerate(bs):
         stacked = stack_batches([b])
@@ -357,9 +362,10 @@ def score(task: str, preds: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def evaluate(model: GraphModel, ds: GraphDataset, idx, *, gates: Gates | None = None,
-             mode: str = "clean", batch_size: int = 64) -> dict:
-    """Metrics of ``model`` on ``ds[idx]``."""
+             mode: str = "clean", batch_size: int = 64, num_buckets: int = 2) -> dict:
+    """Metrics of ``model`` on ``ds[idx]`` in padded batches of ``num_buckets`` size buckets
+    (one forward compile per bucket)."""
     bs = make_batches(ds, idx, batch_size, spec=model.cfg.batch_spec(),
-                      buckets=bucket_budgets(ds.subset(idx), batch_size))
+                      buckets=bucket_budgets(ds.subset(idx), batch_size, num_buckets))
     p, y = predict(model, bs, gates, mode=mode)
     return score(ds.task, p, y)

@@ -6,12 +6,20 @@ sparsity, plus all four axes together); the "dense" row gets the same extra step
 pruning. Clean-mode models are exported (physically smaller) and evaluated as exported;
 faithful-mode models are evaluated with their masks (S1 semantics). FLOPs are the analytic
 core FLOPs per test graph (unpadded): executed for clean exports, theoretical (spec §1.7) for
-faithful masks. Inference time: median over repeats of a jitted forward over all graphs of the
-dataset in padded batches (seed 0 only).
+faithful masks. Inference time (first seed only): a jitted forward over all graphs of the
+dataset in padded batches; the dense and all pruned models of one backbone are timed in the same
+process, interleaved (one pass of each per round, after a warm-up pass each), and each row
+reports the median over rounds, so machine-load drift hits all rows alike.
+
+``fast_compile_training`` compiles the training steps with ``jax_disable_most_optimizations``
+(XLA backend level 0: same maths, far less compile CPU for these short runs); it is switched off
+again before any evaluated or timed forward is compiled, so timings use fully optimised code.
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import statistics
 import sys
 import time
 
@@ -70,16 +78,37 @@ def _with_schedule(g: gtsp.GTSPConfig, steps: int) -> gtsp.GTSPConfig:
                                prune_end=0.75)
 
 
-def _time_model(model, batches, gates=None, mode="clean", repeats=5, warmup=1):
-    """Median wall time of the jitted eval forward over ``batches`` (compile excluded)."""
+@contextlib.contextmanager
+def _fast_compile(on: bool):
+    """``jax_disable_most_optimizations`` inside the block when ``on``; restored after."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", bool(on) or old)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _forward_pass(model, batches, gates=None, mode="clean"):
+    """A zero-argument callable running the jitted eval forward over ``batches`` (blocking)."""
     gd, state = nnx.split(model)
     fwd = train._forward(gd, mode)
     key = jax.random.key(0)
+    return lambda: block([fwd(state, b, gates, key) for b in batches])
 
-    def run():
-        return block([fwd(state, b, gates, key) for b in batches])
 
-    return timeit(run, repeats=repeats, warmup=warmup)["median_s"]
+def _time_interleaved(passes: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median wall seconds per entry of ``passes`` (name -> callable). Every callable gets
+    ``warmup`` untimed calls (compile included), then ``repeats`` rounds each time every callable
+    once, in turn; ``timeit`` with one repeat times each call."""
+    for fn in passes.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in passes}
+    for _ in range(repeats):
+        for k, fn in passes.items():
+            times[k].append(timeit(fn, repeats=1, warmup=0)["median_s"])
+    return {k: {"median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
 
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
@@ -89,7 +118,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for ds_name in config["datasets"]:
         for bb in config["backbones"]:
             per_setting: dict = {}
-            timing: dict = {}
+            passes: dict = {}
             flop: dict = {}
             for seed in config["seeds"]:
                 ds, tr, te, metric = _dataset(ds_name, seed, config.get("max_graphs"))
@@ -99,7 +128,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 fit_ft = train.FitConfig(steps=config["finetune_steps"], lr=config["lr"] / 2,
                                          batch_size=config["batch_size"], seed=seed + 1000,
                                          warmup=1)
-                dense = train.fit(models.make_model(cfg, seed=seed), ds, tr, fit_dense).model
+                fast = config.get("fast_compile_training", False)
+                with _fast_compile(fast):
+                    dense = train.fit(models.make_model(cfg, seed=seed), ds, tr, fit_dense).model
                 test_graphs = [ds.graphs[i] for i in te]
                 # one padding budget for the test and timing batches: one compile per model
                 budget = data.bucket_budgets(ds, config["time_batch"], num_buckets=1)
@@ -110,44 +141,45 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                                              spec=spec, buckets=budget)
                 first = seed == config["seeds"][0]
 
-                def measure(model, gates=None, mode="clean"):
+                def measure(key, model, gates=None, mode="clean"):
                     p, y = train.predict(model, tbatches, gates, mode=mode)
-                    ev = train.score(ds.task, p, y)
-                    t = _time_model(model, abatches, gates, mode, config["repeats"]) if first \
-                        else None
-                    return ev, t
+                    if first:
+                        passes[key] = _forward_pass(model, abatches, gates, mode)
+                    return train.score(ds.task, p, y)
 
-                base = train.fit(nnx.clone(dense), ds, tr, fit_ft).model
-                ev, t = measure(base)
+                with _fast_compile(fast):
+                    base = train.fit(nnx.clone(dense), ds, tr, fit_ft).model
+                ev = measure(("dense", "-", 0.0), base)
                 per_setting.setdefault(("dense", "-", 0.0), []).append(ev[metric])
                 flop[("dense", "-", 0.0)] = flops.dataset_flops(cfg, test_graphs)
-                if first:
-                    timing[("dense", "-", 0.0)] = t
                 for mode, axis, s, g in _settings(config, first):
                     g = _with_schedule(g, config["finetune_steps"])
-                    r = train.fit(nnx.clone(dense), ds, tr, fit_ft, g)
+                    with _fast_compile(fast):
+                        r = train.fit(nnx.clone(dense), ds, tr, fit_ft, g)
                     key = (mode, axis, s)
                     if mode == "clean":
                         tok = 1.0 - g.token if g.token > 0 else None
                         ex = gtsp.export_clean(r.model, head_mask=r.head_mask,
                                                layer_keep=r.layer_keep, ffn_units=r.ffn_units,
                                                token_keep=tok)
-                        ev, t = measure(ex)
+                        ev = measure(key, ex)
                         flop[key] = flops.dataset_flops(ex.cfg, test_graphs)
                     else:
-                        ev, t = measure(r.model, r.gates, "faithful")
+                        ev = measure(key, r.model, r.gates, "faithful")
                         flop[key] = float(np.mean([flops.faithful_flops(
                             cfg, int(gr.n_node[0]), int(gr.n_edge[0]), token_keep=1 - g.token,
                             head_density=1 - g.head, weight_density=1 - g.weight)["core"]
                             for gr in test_graphs]))
-                    if first:
-                        timing[key] = t
                     per_setting.setdefault(key, []).append(ev[metric])
                     print(f"[graphs] {ds_name} {bb} seed={seed} {mode}:{axis}:{s} "
                           f"{metric}={ev[metric]:.4f} ({time.perf_counter() - t_start:.0f}s)",
                           file=sys.stderr, flush=True)
                     raw.append({"dataset": ds_name, "backbone": bb, "seed": seed, "mode": mode,
                                 "axis": axis, "sparsity": s, **ev})
+            timed = _time_interleaved(passes, config["repeats"], config.get("warmup", 1))
+            timing = {k: v["median_s"] for k, v in timed.items()}
+            raw.append({"dataset": ds_name, "backbone": bb, "timing_all_s":
+                        {":".join(map(str, k)): v["all_s"] for k, v in timed.items()}})
             d_metric = float(np.mean(per_setting[("dense", "-", 0.0)]))
             d_flops = flop[("dense", "-", 0.0)]
             d_time = timing[("dense", "-", 0.0)]

@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from graph_helpers import TINY, run
 from graphs import data, gtsp, models
 from graphs.layers import select_tokens
-
-TINY = dict(d_model=16, n_heads=2, n_layers=2, d_ff=32, dropout=0.0, gnn_layers=1, pe_dim=8,
-            pe_width=4)
-
-
-@pytest.fixture(scope="module")
-def mutag():
-    return data.load_mutag()
 
 
 def _batch(ds, cfg, idx, *, n_node=None, n_edge=None, n_graph=None, max_nodes=None):
@@ -30,12 +23,20 @@ def _batch(ds, cfg, idx, *, n_node=None, n_edge=None, n_graph=None, max_nodes=No
                         spec=cfg.batch_spec(), extras=ex)
 
 
-@pytest.fixture(scope="module", params=models.BACKBONES)
-def setup(request, mutag):
-    cfg = models.config_for(mutag, request.param, **TINY)
-    model = models.make_model(cfg, seed=1)
-    batch = _batch(mutag, cfg, [0, 3, 7, 11])
-    return cfg, model, batch
+@pytest.fixture(scope="module")
+def bundle(mutag):
+    """One tiny model and one padded 4-graph batch per backbone, shared by every test so each
+    (structure, shape, gates) combination compiles once."""
+    out = {}
+    for bb in models.BACKBONES:
+        cfg = models.config_for(mutag, bb, **TINY)
+        out[bb] = (cfg, models.make_model(cfg, seed=1), _batch(mutag, cfg, [0, 3, 7, 11]))
+    return out
+
+
+@pytest.fixture(params=models.BACKBONES)
+def setup(request, bundle):
+    return bundle[request.param]
 
 
 def _real(y, batch):
@@ -44,14 +45,16 @@ def _real(y, batch):
 
 def test_all_ones_masks_equal_unpruned(setup):
     cfg, model, batch = setup
-    ref = model(batch)
+    ref = run(model, batch)
     g = models.full_gates(cfg)
     for mode in ("clean", "faithful"):
-        out = model(batch, g, mode=mode, rng=jax.random.key(0))
+        out = run(model, batch, g, mode=mode, rng=jax.random.key(0))
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    if cfg.backbone != "gps":     # one backbone is enough for the train-mode check (compile cost)
+        return
     # training mode: straight-through masks differ from 1 only by rounding
-    a = model(batch, g, mode="clean", train=True, rng=jax.random.key(3))
-    b = model(batch, None, train=True, rng=jax.random.key(3))
+    a = run(model, batch, g, train=True, rng=jax.random.key(3))
+    b = run(model, batch, None, train=True, rng=jax.random.key(3))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
@@ -59,23 +62,22 @@ def test_zero_head_gate_removes_head_exactly(setup):
     cfg, model, batch = setup
     head = np.ones((cfg.n_layers, cfg.n_heads), np.float32)
     head[0, 1] = 0.0
-    gated = model(batch, gtsp.gates_from(cfg, head=head))
+    gated = run(model, batch, gtsp.gates_from(cfg, head=head))
     # reference 1: same model with head 1's rows of W_O zeroed in layer 0
     m2 = nnx.clone(model)
     o = m2.layers[0].block.attn.o.kernel
     o[...] = o[...].at[cfg.head_dim:2 * cfg.head_dim].set(0.0)
-    np.testing.assert_array_equal(np.asarray(gated), np.asarray(m2(batch, models.full_gates(cfg))))
-    # reference 2: the head physically sliced out (H-1 heads)
-    ex = gtsp.export_clean(model, head_mask=head)
-    assert ex.cfg.heads == (1, 2)
-    np.testing.assert_allclose(_real(ex(batch), batch), _real(gated, batch), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(gated), np.asarray(run(m2, batch, models.full_gates(cfg))))
+    # (the head physically sliced out is test_clean_export_equals_masked_model)
+    if cfg.backbone != "graphtrans":      # the Q/K/V path is the shared MHA: one backbone suffices
+        return
     # Q/K/V weights of the gated head get exactly zero gradient
     gd, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(p):
         return nnx.merge(gd, p, rest)(batch, gtsp.gates_from(cfg, head=head)).sum()
 
-    g = nnx.merge(gd, jax.grad(loss)(params), rest)
+    g = nnx.merge(gd, jax.jit(jax.grad(loss))(params), rest)
     cols = slice(cfg.head_dim, 2 * cfg.head_dim)
     for p in ("q", "k", "v"):
         w = getattr(g.layers[0].block.attn, p).kernel[...]
@@ -83,28 +85,32 @@ def test_zero_head_gate_removes_head_exactly(setup):
         assert float(jnp.abs(w[:, :cfg.head_dim]).max()) > 0.0
 
 
-def test_layer_gate_zero_equals_deleted_layer(setup):
+def test_layer_gate_zero_changes_output(setup):
     cfg, model, batch = setup
-    gated = model(batch, gtsp.gates_from(cfg, layer=[1.0, 0.0]))
-    ex = gtsp.export_clean(model, layer_keep=np.array([1.0, 0.0]))
-    assert ex.cfg.n_layers == 1
-    np.testing.assert_allclose(_real(ex(batch), batch), _real(gated, batch), atol=1e-6)
-    assert not np.allclose(_real(gated, batch), _real(model(batch), batch))
+    gated = run(model, batch, gtsp.gates_from(cfg, layer=[1.0, 0.0]))
+    assert not np.allclose(_real(gated, batch), _real(run(model, batch), batch))
+    # (gate 0 == layer deleted at export is test_clean_export_equals_masked_model)
 
 
-def test_clean_export_equals_masked_model(setup):
+@pytest.mark.parametrize("layer_keep", [(1.0, 1.0), (0.0, 1.0)])
+def test_clean_export_equals_masked_model(setup, layer_keep):
+    """Heads, FFN units and tokens sliced/gathered (and optionally layer 0 deleted) == masks."""
     cfg, model, batch = setup
     rng = np.random.default_rng(0)
     head = np.array([[1, 0], [0, 1]], np.float32)
     units = (rng.random((cfg.n_layers, cfg.d_ff)) < 0.5).astype(np.float32)
-    g = gtsp.gates_from(cfg, head=head, ffn_units=units, token_keep=0.5)
-    masked = model(batch, g)
-    ex = gtsp.export_clean(model, head_mask=head, ffn_units=units, token_keep=0.5)
-    assert ex.cfg.ffn == tuple(int(u.sum()) for u in units)
+    keep = np.array(layer_keep, np.float32)
+    g = gtsp.gates_from(cfg, head=head, ffn_units=units, token_keep=0.5, layer=keep)
+    masked = run(model, batch, g)
+    ex = gtsp.export_clean(model, head_mask=head, ffn_units=units, token_keep=0.5,
+                           layer_keep=keep)
+    assert ex.cfg.n_layers == int(keep.sum())
+    assert ex.cfg.heads == tuple(int(h.sum()) for h, k in zip(head, keep) if k)
+    assert ex.cfg.ffn == tuple(int(u.sum()) for u, k in zip(units, keep) if k)
     sd = sum(x.size for x in jax.tree.leaves(nnx.state(ex, nnx.Param)))
     assert sd < sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     # physical token gather (K = ceil(r M) slots) == mask-only token pruning
-    np.testing.assert_allclose(_real(ex(batch), batch), _real(masked, batch), atol=1e-5)
+    np.testing.assert_allclose(_real(run(ex, batch), batch), _real(masked, batch), atol=1e-5)
 
 
 def test_padding_invariance(setup, mutag):
@@ -113,9 +119,9 @@ def test_padding_invariance(setup, mutag):
                  n_edge=batch.graph.senders.shape[0] + 9, n_graph=8,
                  max_nodes=batch.dense_index.shape[1] + 5)
     g = gtsp.gates_from(cfg, token_keep=0.5, head=[[1, 0], [1, 1]])
-    for gates in (None, g):
-        a, b = _real(model(batch, gates), batch), _real(model(big, gates), big)
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    # gated (token + head masks) path: it runs every op of the unpruned path as well
+    a, b = _real(run(model, batch, g), batch), _real(run(model, big, g), big)
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_node_permutation_invariance(setup, mutag):
@@ -133,25 +139,25 @@ def test_node_permutation_invariance(setup, mutag):
     pb = _batch(pds, cfg, [0, 1, 2, 3], n_node=batch.graph.nodes.shape[0],
                 n_edge=batch.graph.senders.shape[0], n_graph=batch.graph_mask.shape[0],
                 max_nodes=batch.dense_index.shape[1])
-    np.testing.assert_allclose(_real(model(pb), pb), _real(model(batch), batch), atol=1e-5)
+    ref = _real(run(model, batch), batch)
+    np.testing.assert_allclose(_real(run(model, pb), pb), ref, atol=1e-5)
     # permuting the graphs permutes the outputs
     gb = _batch(mutag, cfg, idx[::-1], n_node=batch.graph.nodes.shape[0],
                 n_edge=batch.graph.senders.shape[0], n_graph=batch.graph_mask.shape[0],
                 max_nodes=batch.dense_index.shape[1])
-    np.testing.assert_allclose(_real(model(gb), gb), _real(model(batch), batch)[::-1], atol=1e-5)
+    np.testing.assert_allclose(_real(run(model, gb), gb), ref[::-1], atol=1e-5)
 
 
-def test_dense_equals_segment_attention(mutag):
-    cfg = models.config_for(mutag, "gps", **TINY)
+def test_dense_equals_segment_attention(mutag, bundle):
+    cfg, m, _ = bundle["gps"]
     scfg = dataclasses.replace(cfg, attention="segment")
-    m = models.make_model(cfg, seed=2)
     ms = models.GraphModel(scfg, rngs=nnx.Rngs(0))
     nnx.update(ms, nnx.state(m, nnx.Param))
     one = data.single_graph(np.zeros((1, 1), np.int32), [], [], np.zeros((0, 1), np.int32))
     ds = dataclasses.replace(mutag, graphs=mutag.graphs[:3] + [one], labels=mutag.labels[:4])
     b = _batch(ds, scfg, [0, 1, 2, 3])
     for g in (None, gtsp.gates_from(cfg, head=[[0, 1], [1, 1]], token_keep=0.5)):
-        np.testing.assert_allclose(_real(ms(b, g), b), _real(m(b, g), b), atol=1e-5)
+        np.testing.assert_allclose(_real(run(ms, b, g), b), _real(run(m, b, g), b), atol=1e-5)
 
 
 def test_clean_token_selection_counts_and_gradients():
@@ -203,16 +209,15 @@ def test_faithful_quirks():
         select_tokens(scores, valid, jnp.float32(0.5), mode="faithful", train=False, rng=None)
 
 
-def test_faithful_head_mask_leaks_bias(mutag):
-    cfg = models.config_for(mutag, "graphtrans", **TINY)
-    m = models.make_model(cfg, seed=3)
+def test_faithful_head_mask_leaks_bias(bundle):
+    cfg, m, b = bundle["graphtrans"]
+    m = nnx.clone(m)
     for layer in m.layers:                    # nnx initialises biases at 0; S1's leak needs b_V != 0
         v = layer.block.attn.v.bias
         v[...] = jnp.linspace(-1.0, 1.0, v.shape[0])
-    b = _batch(mutag, cfg, [1, 2])
     head = [[0.0, 1.0], [1.0, 1.0]]
-    clean = m(b, gtsp.gates_from(cfg, head=head), mode="clean")
-    faithful = m(b, gtsp.gates_from(cfg, head=head), mode="faithful", rng=jax.random.key(0))
+    clean = run(m, b, gtsp.gates_from(cfg, head=head), mode="clean")
+    faithful = run(m, b, gtsp.gates_from(cfg, head=head), mode="faithful", rng=jax.random.key(0))
     # S1 leaves b_V and W_O of an inactive head in place: its output is not removed
     assert float(np.abs(_real(clean, b) - _real(faithful, b)).max()) > 1e-4
     attn = m.layers[0].block.attn
@@ -222,21 +227,18 @@ def test_faithful_head_mask_leaks_bias(mutag):
     assert float(jnp.abs(o - o0).max()) > 1e-6
 
 
-def test_faithful_drop_path_is_node_wise_and_identity_at_eval(mutag):
-    cfg = models.config_for(mutag, "gps", **TINY)
-    m = models.make_model(cfg, seed=4)
-    b = _batch(mutag, cfg, [1, 2])
+def test_faithful_drop_path_is_node_wise_and_identity_at_eval(bundle):
+    cfg, m, b = bundle["gps"]
     g = gtsp.gates_from(cfg, drop_path=0.5)
-    ev = m(b, g, mode="faithful", rng=jax.random.key(0))
-    np.testing.assert_array_equal(np.asarray(ev), np.asarray(m(b)))
-    t1 = m(b, g, mode="faithful", train=True, rng=jax.random.key(1))
-    t2 = m(b, g, mode="faithful", train=True, rng=jax.random.key(2))
+    ev = run(m, b, g, mode="faithful", rng=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(ev), np.asarray(run(m, b)))
+    t1 = run(m, b, g, mode="faithful", train=True, rng=jax.random.key(1))
+    t2 = run(m, b, g, mode="faithful", train=True, rng=jax.random.key(2))
     assert not np.allclose(np.asarray(t1), np.asarray(t2))
 
 
-def test_graphormer_bias_encodings(mutag):
-    cfg = models.config_for(mutag, "graphormer", **TINY)
-    m = models.make_model(cfg, seed=5)
+def test_graphormer_bias_encodings(mutag, bundle):
+    cfg, m, _ = bundle["graphormer"]
     # path graph 0-1-2 with distinct bond types 0 then 1
     g = data.single_graph(np.zeros((3, 1), np.int32), [0, 1, 1, 2], [1, 0, 2, 1],
                           np.array([[0], [0], [1], [1]], np.int32))
