@@ -5,11 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg as sl
 
 from gp import api, dense, kernels
 
 # (lengthscale for a unit-spacing design) inside the calibrated packet region for each q
 BENIGN_ELL = {0: 3.0, 1: 3.0, 2: 1.5, 3: 1.0}
+# XLA compiles once per (q, method, shape): every test uses N inputs and M test points unless the
+# point being checked needs another size, so the compiled functions are shared across tests.
+N, M = 200, 64
 
 
 def _data(rng, n, kind, ell):
@@ -29,63 +33,67 @@ def _rel(a, b, scale=None):
     return np.abs(a - b).max() / (np.abs(b).max() if scale is None else scale)
 
 
+def _dense_np(x, y, t, q, ell, s2, noise):
+    """Dense float64 Cholesky reference in numpy/scipy (LML, mean, variance): the same algebra as
+    ``gp.dense`` without an XLA compile per (q, shape)."""
+    K = np.asarray(kernels.matern_cross(x, x, q, ell, s2)) + noise * np.eye(len(x))
+    Kxt = np.asarray(kernels.matern_cross(x, t, q, ell, s2))
+    c = sl.cho_factor(K, lower=True)
+    alpha = sl.cho_solve(c, y)
+    V = sl.solve_triangular(c[0], Kxt, lower=True)
+    lml = -0.5 * y @ alpha - np.log(np.diag(c[0])).sum() - 0.5 * len(x) * np.log(2 * np.pi)
+    return lml, Kxt.T @ alpha, s2 - (V * V).sum(axis=0)
+
+
 def _check_against_dense(rng, q, kind, n):
     ell, s2, noise = BENIGN_ELL[q], 1.3, 0.05
     x, y = _data(rng, n, kind, ell)
-    t = np.concatenate([rng.uniform(-5, x.max() + 5, 300), x[:20]])
-    l_d = api.log_marginal_likelihood(x, y, q, ell, s2, noise, method="dense")
-    m_d, v_d = dense.posterior(jnp.asarray(x), jnp.asarray(y), jnp.asarray(t), q, ell, s2, noise)
+    t = np.concatenate([rng.uniform(-5, x.max() + 5, M - 20), x[:20]])
+    l_d, m_d, v_d = _dense_np(x, y, t, q, ell, s2, noise)
     post = api.condition(x, y, q, ell, s2, noise)                       # auto
     m, v = api.predict(post, t, return_var=True)
     assert _rel(api.log_marginal_likelihood(x, y, q, ell, s2, noise), l_d) <= 1e-8
     assert _rel(m, m_d) <= 1e-8
     assert _rel(v, v_d, scale=s2) <= 1e-8
-    accurate = bool(api.kp_is_accurate(jnp.sort(jnp.asarray(x)), q, ell))
     if kind == "jittered":
-        assert accurate and bool(post.use_kp)  # the packet path itself is what was checked
-    if accurate:
-        l_kp = api.log_marginal_likelihood(x, y, q, ell, s2, noise, method="kp")
-        m_kp = api.predict(api.condition(x, y, q, ell, s2, noise, method="kp",
-                                         with_variance=False), t)
-        assert _rel(l_kp, l_d) <= 1e-8
-        assert _rel(m_kp, m_d) <= 1e-8
+        # auto chose the packets here, so the packet path itself is what was checked
+        assert bool(api.kp_is_accurate(jnp.sort(jnp.asarray(x)), q, ell)) and bool(post.use_kp)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("q", [0, 1, 2, 3])
-def test_matches_dense_n2000_unsorted(rng, q):
-    _check_against_dense(rng, q, "jittered", 2000)
+def test_matches_dense_n2000_unsorted(rng):
+    _check_against_dense(rng, 2, "jittered", 2000)
 
 
-@pytest.mark.parametrize("q", [0, 1, 2, 3])
-@pytest.mark.parametrize("kind", ["sorted", "unsorted"])
+# each nu once; sorted and unsorted random designs, and the unsorted jittered grid on which the
+# packet path itself is accurate (checked against dense there as well)
+@pytest.mark.parametrize("q,kind", [(0, "unsorted"), (1, "sorted"), (2, "jittered"),
+                                    (3, "jittered"), (2, "sorted")])
 def test_matches_dense_random_inputs(rng, q, kind):
-    _check_against_dense(rng, q, kind, 200)
+    _check_against_dense(rng, q, kind, N)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("q", [0, 1, 2])
-@pytest.mark.parametrize("ratio", [0.1, 1.0, 10.0, 100.0])
-def test_auto_mean_within_1e8_over_lengthscale_range(rng, q, ratio):
+def test_auto_mean_within_1e8_over_lengthscale_range(rng, q):
     """Issue item 5: nu <= 5/2, lengthscale/spacing in [0.1, 100]: packets where accurate,
     automatic state-space fallback elsewhere."""
-    n = 200
-    x = np.cumsum(rng.uniform(0.5, 1.5, n))
-    y = np.sin(x / ratio) + 0.1 * rng.normal(size=n)
-    t = rng.uniform(x[0] - 1, x[-1] + 1, 200)
-    post = api.condition(x, y, q, ratio, 1.0, 0.01)
-    m = api.predict(post, t)
-    m_d, _ = dense.posterior(jnp.asarray(x), jnp.asarray(y), jnp.asarray(t), q, ratio, 1.0, 0.01)
-    assert _rel(m, m_d) <= 1e-8
-    if q == 0:
-        assert bool(post.use_kp)
+    x = np.cumsum(rng.uniform(0.5, 1.5, N))
+    t = rng.uniform(x[0] - 1, x[-1] + 1, M)
+    for ratio in (0.1, 1.0, 10.0, 100.0):
+        y = np.sin(x / ratio) + 0.1 * rng.normal(size=N)
+        post = api.condition(x, y, q, ratio, 1.0, 0.01)
+        m = api.predict(post, t)
+        _, m_d, _ = _dense_np(x, y, t, q, ratio, 1.0, 0.01)
+        assert _rel(m, m_d) <= 1e-8, ratio
+        if q == 0:
+            assert bool(post.use_kp)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("q", [0, 1, 2, 3])
+@pytest.mark.parametrize("q", [2])
 def test_gradients_match_dense(rng, q):
-    n = 200
-    x, y = _data(rng, n, "jittered", BENIGN_ELL[q])
+    x, y = _data(rng, N, "jittered", BENIGN_ELL[q])
     p0 = jnp.log(jnp.array([BENIGN_ELL[q], 1.3, 0.05]))
 
     def lml(p, method):
@@ -99,7 +107,7 @@ def test_gradients_match_dense(rng, q):
 
 
 def test_jit_and_vmap_over_hyperparameters(rng):
-    x, y = _data(rng, 200, "jittered", 3.0)
+    x, y = _data(rng, N, "jittered", 3.0)
     ells = jnp.array([2.0, 3.0, 4.0])
 
     @jax.jit
@@ -107,50 +115,49 @@ def test_jit_and_vmap_over_hyperparameters(rng):
         return jax.vmap(lambda e: api.log_marginal_likelihood(x, y, 1, e, 1.0, 0.05))(ells)
 
     got = batch(ells)
-    want = [api.log_marginal_likelihood(x, y, 1, float(e), 1.0, 0.05, method="dense")
-            for e in ells]
+    want = [_dense_np(x, y, x[:1], 1, float(e), 1.0, 0.05)[0] for e in ells]
     np.testing.assert_allclose(got, want, rtol=1e-9)
-    t = jnp.linspace(0, 100, 7)
+    t = jnp.linspace(0, 100, M)
     means = jax.jit(jax.vmap(lambda e: api.predict(api.condition(x, y, 1, e, 1.0, 0.05), t)))(ells)
-    assert means.shape == (3, 7)
+    assert means.shape == (3, M)
     np.testing.assert_allclose(means[1], api.predict(api.condition(x, y, 1, 3.0, 1.0, 0.05), t),
                                rtol=1e-10)
 
 
-@pytest.mark.parametrize("q", [0, 1, 2])
-@pytest.mark.parametrize("method", ["kp", "ss"])
+@pytest.mark.parametrize("q,method", [(0, "ss"), (1, "kp"), (2, "kp")])
 def test_noise_free_interpolates(rng, q, method):
-    x = np.cumsum(rng.uniform(0.5, 1.5, 200))
+    x = np.cumsum(rng.uniform(0.5, 1.5, N))
     y = np.sin(x)
     ell = 1.0 / kernels.rate(q, 1.0)  # lam * h ~ 1: well-conditioned K
     post = api.condition(x, y, q, ell, 1.0, 0.0, method=method)
-    m, v = api.predict(post, x, return_var=True)
-    np.testing.assert_allclose(m, y, atol=1e-8)
+    m, v = api.predict(post, x[-M:], return_var=True)
+    np.testing.assert_allclose(m, y[-M:], atol=1e-8)
     np.testing.assert_allclose(v, 0.0, atol=1e-8)
-    t = x[:-1] + 0.3
-    m_d, v_d = dense.posterior(jnp.asarray(x), jnp.asarray(y), jnp.asarray(t), q, ell, 1.0, 0.0)
+    t = x[:M] + 0.3
+    l_d, m_d, v_d = _dense_np(x, y, t, q, ell, 1.0, 0.0)
     mt, vt = api.predict(post, t, return_var=True)
     assert _rel(mt, m_d) <= 1e-8 and _rel(vt, v_d, 1.0) <= 1e-8
     l = api.log_marginal_likelihood(x, y, q, ell, 1.0, 0.0, method=method)
-    assert _rel(l, api.log_marginal_likelihood(x, y, q, ell, 1.0, 0.0, method="dense")) <= 1e-8
+    assert _rel(l, l_d) <= 1e-8
 
 
 def test_include_noise_and_mean_only(rng):
-    x, y = _data(rng, 200, "jittered", 3.0)
+    x, y = _data(rng, N, "jittered", 3.0)
     post = api.condition(x, y, 1, 3.0, 1.0, 0.05)
-    _, v = api.predict(post, x[:5], return_var=True)
-    _, vn = api.predict(post, x[:5], return_var=True, include_noise=True)
+    _, v = api.predict(post, x[:M], return_var=True)
+    _, vn = api.predict(post, x[:M], return_var=True, include_noise=True)
     np.testing.assert_allclose(vn - v, 0.05, rtol=1e-12)
     mean_only = api.condition(x, y, 1, 3.0, 1.0, 0.05, method="kp", with_variance=False)
-    np.testing.assert_allclose(api.predict(mean_only, x[:5]), api.predict(post, x[:5]), rtol=1e-12)
+    np.testing.assert_allclose(api.predict(mean_only, x[:M]), api.predict(post, x[:M]),
+                               rtol=1e-12)
     with pytest.raises(ValueError, match="with_variance=True"):
-        api.predict(mean_only, x[:5], return_var=True)
+        api.predict(mean_only, x[:M], return_var=True)
 
 
-@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("q", [2])
 def test_mean_derivatives_match_dense(rng, q):
-    x, y = _data(rng, 200, "jittered", BENIGN_ELL[q])
-    t = rng.uniform(x.min(), x.max(), 40)
+    x, y = _data(rng, N, "jittered", BENIGN_ELL[q])
+    t = rng.uniform(x.min(), x.max(), M)
     for method in ("kp", "ss"):
         post = api.condition(x, y, q, BENIGN_ELL[q], 1.0, 0.05, method=method)
         for k in range(1, (2 * q if method == "kp" else q) + 1):
@@ -162,9 +169,9 @@ def test_mean_derivatives_match_dense(rng, q):
         api.mean_derivative(post, t, q + 1)
 
 
-@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("q", [1])
 def test_derivative_observations_state_space(rng, q):
-    n = 120
+    n = N
     x = np.sort(rng.uniform(0, 40, n))
     order = rng.integers(0, 2, n)
     x[1::7] = x[0::7][: len(x[1::7])]  # value and derivative at the same input
@@ -173,7 +180,7 @@ def test_derivative_observations_state_space(rng, q):
     l_ss = api.log_marginal_likelihood(*args, order=order)
     l_d = api.log_marginal_likelihood(*args, method="dense", order=order)
     assert _rel(l_ss, l_d) <= 1e-8
-    t = rng.uniform(0, 40, 50)
+    t = rng.uniform(0, 40, M)
     m, v = api.predict(api.condition(*args, order=order), t, return_var=True)
     m_d, v_d = dense.posterior(jnp.asarray(x), jnp.asarray(y), jnp.asarray(t), q, 1.2, 1.0, 0.01,
                                order=jnp.asarray(order))
@@ -205,7 +212,7 @@ def test_duplicates(rng):
 
 
 def test_bad_inputs():
-    x = np.linspace(0, 10, 30)
+    x = np.linspace(0, 60, N)
     y = np.sin(x)
     with pytest.raises(ValueError, match="y must have the shape of x"):
         api.log_marginal_likelihood(x, y[:-1], 1, 1.0, 1.0, 0.1)
@@ -233,7 +240,7 @@ def test_bad_inputs():
 
 
 def test_float32_warns_and_upcasts():
-    x = np.linspace(0, 10, 30)
+    x = np.linspace(0, 60, N)
     y = np.sin(x)
     want = api.log_marginal_likelihood(x, y, 1, 1.0, 1.0, 0.1)
     with pytest.warns(UserWarning, match="upcasting to float64"):
@@ -245,7 +252,7 @@ def test_float32_warns_and_upcasts():
 
 
 def test_x64_disabled_is_a_clear_error():
-    x = np.linspace(0, 10, 30)
+    x = np.linspace(0, 60, N)
     jax.config.update("jax_enable_x64", False)
     try:
         with warnings.catch_warnings():

@@ -21,7 +21,7 @@ def _random_band(rng, n, kl, ku):
     return B, rows
 
 
-@pytest.mark.parametrize("kl,ku", [(1, 1), (3, 3), (2, 4), (4, 4)])
+@pytest.mark.parametrize("kl,ku", [(1, 1), (2, 4)])
 def test_solve_and_logdet_match_dense(rng, kl, ku):
     B, rows = _random_band(rng, 60, kl, ku)
     y = rng.normal(size=60)
