@@ -378,11 +378,17 @@ class Sandbox:
             self._idle.append(proc)
 
     def _drop(self, proc: subprocess.Popen) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        Sandbox._kill(proc)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        """SIGKILL the launcher's whole process group, reap it and close its pipes."""
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
         for f in (proc.stdin, proc.stdout):
             f.close()
 
@@ -396,14 +402,7 @@ class Sandbox:
     def _stop_all(procs: list, spawner: "_Spawner") -> None:
         spawner.stop()
         for proc in list(procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-            for f in (proc.stdin, proc.stdout):
-                f.close()
+            Sandbox._kill(proc)
         procs.clear()
 
     def __enter__(self) -> "Sandbox":

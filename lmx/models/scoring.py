@@ -8,12 +8,17 @@ from flax import nnx
 from lmx.models.transformer import Transformer, check_tokens
 
 
+def next_token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``log softmax(logits[:, t])[tokens[:, t+1]]`` in f32: [B, T, V] logits -> [B, T-1]."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 @nnx.jit
 def _token_logprobs(model: Transformer, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-    logits = model(tokens, attention_mask=mask)[:, :-1]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.where(mask[:, 1:] & mask[:, :-1], picked - logz, 0.0)
+    lp = next_token_logprobs(model(tokens, attention_mask=mask), tokens)
+    return jnp.where(mask[:, 1:] & mask[:, :-1], lp, 0.0)
 
 
 def token_logprobs(model: Transformer, tokens, attention_mask=None) -> jax.Array:
@@ -34,8 +39,10 @@ def token_logprobs(model: Transformer, tokens, attention_mask=None) -> jax.Array
 def mean_token_nll(model: Transformer, tokens, attention_mask=None) -> jax.Array:
     """Mean negative log-likelihood per scored token over the whole batch (nats)."""
     tokens, mask = check_tokens(tokens, attention_mask, model.cfg.vocab_size)
+    if tokens.shape[1] < 2:
+        raise ValueError(f"tokens needs at least 2 positions to score a next token, got shape {tokens.shape}")
     if mask is None:
         mask = jnp.ones(tokens.shape, bool)
-    lp = token_logprobs(model, tokens, mask)
+    lp = _token_logprobs(model, tokens, mask)
     n = jnp.sum(mask[:, 1:] & mask[:, :-1])
     return -lp.sum() / jnp.maximum(n, 1)

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from lmx.models.scoring import next_token_logprobs
 from lmx.parallel import DEFAULT_RULES, shard_batch, single_device_mesh, state_shardings
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -158,14 +159,12 @@ def causal_lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None)
     tokens = batch["tokens"]
     mask = batch.get("mask")
     # no mask means no padding: the model may then use a fused causal kernel (cuDNN on GPU)
-    logits = model(tokens, attention_mask=mask)[:, :-1]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = -next_token_logprobs(model(tokens, attention_mask=mask), tokens)
     if mask is None:
-        return jnp.sum(logz - picked), jnp.asarray(picked.size, jnp.float32), {}
+        return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32), {}
     mask = mask.astype(bool)
     scored = mask[:, 1:] & mask[:, :-1]
-    return jnp.sum(jnp.where(scored, logz - picked, 0.0)), jnp.sum(scored), {}
+    return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored), {}
 
 
 @dataclasses.dataclass
