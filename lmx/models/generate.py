@@ -71,9 +71,12 @@ def _generate(model: Transformer, tokens, mask, key, *, max_new, cache_len, temp
         done = done | jnp.isin(tok, stops)
         logits, nk, nv = model.decode_step(tok, pos, ck, cv, valid)
         col = Tp + i
-        ck = jax.lax.dynamic_update_slice(ck, nk[:, :, None].astype(cdt), (0, 0, col, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, nv[:, :, None].astype(cdt), (0, 0, col, 0, 0))
-        valid = jax.lax.dynamic_update_slice(valid, jnp.ones((B, 1), bool), (0, col))
+        # explicit int32 zeros: with jax_enable_x64 on, literal 0s would become int64 and
+        # dynamic_update_slice refuses mixed index dtypes
+        z = jnp.zeros((), col.dtype)
+        ck = jax.lax.dynamic_update_slice(ck, nk[:, :, None].astype(cdt), (z, z, col, z, z))
+        cv = jax.lax.dynamic_update_slice(cv, nv[:, :, None].astype(cdt), (z, z, col, z, z))
+        valid = jax.lax.dynamic_update_slice(valid, jnp.ones((B, 1), bool), (z, col))
         key, sub = jax.random.split(key)
         tok = sample_logits(logits, sub, temperature, top_k, top_p)
         return i + 1, tok, ck, cv, valid, pos + 1, out, done, key

@@ -93,6 +93,17 @@ def test_kv_cache_greedy_equals_full_recompute(model):
     assert out == [_greedy_by_recompute(model, p, 12) for p in prompts]
 
 
+def test_generation_and_scoring_unchanged_with_x64_enabled(model):
+    # the gp package turns jax_enable_x64 on; LM code in the same process must keep working
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    toks = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
+    ref_out, ref_lp = generate(model, prompts, max_new_tokens=6), token_logprobs(model, toks)
+    with jax.enable_x64(True):
+        out, lp = generate(model, prompts, max_new_tokens=6), token_logprobs(model, toks)
+    assert out == ref_out
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(ref_lp), rtol=1e-6, atol=1e-6)
+
+
 def test_generation_stops_and_samples_reproducibly(model):
     prompts = [[5, 6, 7], [8, 9]]
     greedy = generate(model, prompts, max_new_tokens=8)
