@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lmx.icl.lm import ScoringLM, sequence_logprobs, span_nll
+from lmx.icl.lm import ScoringLM, choice_mean_nll
 from lmx.icl.templates import PromptTemplate
 
 __all__ = ["build_prompt_ids", "ppl_classify", "generate", "generate_classify",
@@ -69,19 +69,14 @@ def ppl_classify(lm: ScoringLM, template: PromptTemplate, pool_examples: Sequenc
         raise ValueError(f"span must be 'all' or 'label', got {span!r}")
     _check_idx(demo_idx, tests, pool_examples)
     n_labels = len(template.labels)
-    seqs, spans = [], []
-    for i, test in enumerate(tests):
-        demos = _demos(pool_examples, pool_labels, demo_idx[i])
-        for y in range(n_labels):
-            ids, b = build_prompt_ids(lm, template, demos, test, y, max_tokens=max_tokens)
-            seqs.append(ids)
-            spans.append((1, len(ids)) if span == "all" else (b[2], b[3]))
-    lps = sequence_logprobs(lm, seqs, progress=progress, desc="PPL inference")
-    nll = np.empty(len(seqs), np.float32)
-    for r, ((a, b), lp) in enumerate(zip(spans, lps)):
-        total, count = span_nll(lp, a, b)
-        nll[r] = total / count
-    nll = nll.reshape(len(tests), n_labels)
+    answers = [lm.encode(template.answer(y)) for y in range(n_labels)]
+    # one prompt per test for every label (demos dropped for the longest answer), so the labels
+    # are compared on the same context and can share one forward pass
+    budget = None if max_tokens is None else max_tokens - max(len(a) for a in answers)
+    prefixes = [build_prompt_ids(lm, template, _demos(pool_examples, pool_labels, demo_idx[i]),
+                                 test, max_tokens=budget)[0] for i, test in enumerate(tests)]
+    starts = [1 if span == "all" else len(p) for p in prefixes]
+    nll = choice_mean_nll(lm, prefixes, starts, answers, progress=progress, desc="PPL inference")
     return np.argmin(nll, axis=1).astype(np.int32) if len(tests) else np.zeros(0, np.int32), nll
 
 

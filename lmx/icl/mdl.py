@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmx.icl.lm import ScoringLM, sequence_logprobs, span_nll
+from lmx.icl.lm import ScoringLM, choice_mean_nll
 from lmx.icl.templates import PromptTemplate
 
 __all__ = ["label_entropy", "mdl_candidate_sets", "mdl_rerank"]
@@ -79,21 +79,17 @@ def mdl_rerank(lm: ScoringLM, template: PromptTemplate, pool_examples: Sequence,
     base = jax.random.PRNGKey(seed)
     sets = np.stack([cand[i][mdl_candidate_sets(jax.random.fold_in(base, i), k, n, select_time)]
                      for i in range(q)]) if q else np.zeros((0, select_time, n), np.int32)
-    seqs, spans = [], []
+    answers = [lm.encode(template.answer(y)) for y in range(n_labels)]
+    prefixes, starts = [], []
     for i in range(q):
         query = template.query(tests[i])
         for s in range(select_time):
             block = template.instruction + "".join(
                 template.demo(pool_examples[j], int(pool_labels[j])) for j in sets[i, s])
-            for y in range(n_labels):
-                ids, b = lm.ids(block, query, template.answer(y))
-                seqs.append(ids)
-                spans.append((max(b[1], 1), b[3]))
-    lps = sequence_logprobs(lm, seqs, progress=progress, desc="MDL scoring")
-    nll = np.empty(len(seqs), np.float32)
-    for r, ((a, b), lp) in enumerate(zip(spans, lps)):
-        total, count = span_nll(lp, a, b)
-        nll[r] = total / count
+            ids, b = lm.ids(block, query)
+            prefixes.append(ids)
+            starts.append(max(b[1], 1))
+    nll = choice_mean_nll(lm, prefixes, starts, answers, progress=progress, desc="MDL scoring")
     ent = label_entropy(nll.reshape(q, select_time, n_labels)).reshape(q, select_time)
     best = np.argmin(ent, axis=1) if q else np.zeros(0, int)
     return sets[np.arange(q), best].astype(np.int32), ent.astype(np.float32)

@@ -21,7 +21,8 @@ def decode(ids) -> str:
 
 
 def toy_lm(seed: int = 0, *, batch_size: int = 4, buckets=(64, 128, 256, 512), calls=None,
-           prefix_ids=(), generate_fn=None) -> ScoringLM:
+           prefix_ids=(), generate_fn=None, one_pass: bool = False) -> ScoringLM:
+    """``one_pass`` adds ``next_logprob_fn`` (single-token answers scored in one pass)."""
     logp = bigram_table(seed)
 
     def logprob_fn(tokens, mask):
@@ -30,9 +31,14 @@ def toy_lm(seed: int = 0, *, batch_size: int = 4, buckets=(64, 128, 256, 512), c
         lp = logp[tokens[:, :-1], tokens[:, 1:]]
         return np.where(mask[:, 1:] & mask[:, :-1], lp, 0.0).astype(np.float32)
 
+    def next_logprob_fn(tokens, mask, next_ids):
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+        final = tokens[np.arange(len(tokens)), last]
+        return logprob_fn(tokens, mask), logp[final[:, None], next_ids[None, :]].astype(np.float32)
+
     return ScoringLM(logprob_fn=logprob_fn, encode=encode, decode=decode,
                      prefix_ids=tuple(prefix_ids), batch_size=batch_size, buckets=tuple(buckets),
-                     generate_fn=generate_fn)
+                     generate_fn=generate_fn, next_logprob_fn=next_logprob_fn if one_pass else None)
 
 
 def hand_nll(ids, start: int, end: int, seed: int = 0) -> float:

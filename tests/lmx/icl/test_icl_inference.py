@@ -4,6 +4,7 @@ from icl_toy import encode, hand_nll, toy_lm
 
 from lmx.icl.inference import build_prompt_ids, generate_classify, parse_label, ppl_classify
 from lmx.icl.templates import SST2_TEMPLATE as T
+from lmx.icl.templates import PromptTemplate
 
 POOL = ["a great movie", "dull and slow", "fun", "worst plot ever"]
 LABELS = [1, 0, 1, 0]
@@ -11,15 +12,20 @@ TESTS = ["charming", "a tedious bore"]
 IDX = [[0, 1], [3, 2]]
 
 
+# one character per answer: the toy LM's one-pass path applies
+T1 = PromptTemplate(template="Review: {input}\nSentiment:{label}", labels=("-", "+"))
+
+
+@pytest.mark.parametrize("template,one_pass", [(T, False), (T1, False), (T1, True)])
 @pytest.mark.parametrize("span", ["all", "label"])
-def test_ppl_classify_matches_hand_computed_mean_nll(span):
-    lm = toy_lm(seed=2)
-    pred, nll = ppl_classify(lm, T, POOL, LABELS, TESTS, IDX, span=span)
+def test_ppl_classify_matches_hand_computed_mean_nll(span, template, one_pass):
+    lm = toy_lm(seed=2, one_pass=one_pass)
+    pred, nll = ppl_classify(lm, template, POOL, LABELS, TESTS, IDX, span=span)
     assert pred.shape == (2,) and nll.shape == (2, 2)
     for i, test in enumerate(TESTS):
-        block = "".join(T.demo(POOL[j], LABELS[j]) for j in IDX[i]) + T.query(test)
+        block = "".join(template.demo(POOL[j], LABELS[j]) for j in IDX[i]) + template.query(test)
         for y in range(2):
-            ids = encode(block + T.answer(y))
+            ids = encode(block + template.answer(y))
             a = 1 if span == "all" else len(encode(block))
             np.testing.assert_allclose(nll[i, y], hand_nll(ids, a, len(ids), seed=2) / (len(ids) - a),
                                        rtol=1e-5)

