@@ -43,7 +43,7 @@ from benchmarks import common
 from lmx.reward import (RewardConfig, RewardModel, best_of_n_draws, best_of_n_expectation,
                         best_of_n_kl, cluster_deviation_score, default_eps, make_head,
                         pair_accuracy, reward_loss_fn)
-from lmx.train import TrainConfig, train
+from lmx.train import TrainConfig, make_train_step, train
 
 # --------------------------------------------------------------------------------------------
 # Data: gold judge, prompts, cached SmolLM2 samples and EOS features. The expensive part
@@ -376,19 +376,14 @@ def step_throughput(head: str, x: np.ndarray, ci: np.ndarray, ri: np.ndarray,
 
 
 def _time_step(model: RewardModel, batch: dict, pairs: int, repeats: int) -> float:
-    opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    @nnx.jit
-    def step(model, opt, batch, key):
-        def f(m):
-            s, n, _ = reward_loss_fn(m, batch, key)
-            return s / n
-        loss, grads = nnx.value_and_grad(f)(model)
-        opt.update(model, grads)
-        return loss
-
-    t = common.timeit(lambda: common.block(step(model, opt, batch, jax.random.key(0))),
+    """Pairs/s of the shared loop's jitted train step (AdamW) on one fixed batch."""
+    tx = optax.adamw(1e-4)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+    # donate=False: the timed calls reuse the same params and optimizer state
+    step = make_train_step(graphdef, reward_loss_fn, tx, donate=False)
+    batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # one micro-batch
+    t = common.timeit(lambda: common.block(step(params, opt_state, rest, batch, jax.random.key(0))),
                       repeats=repeats, warmup=1)
     return pairs / t["median_s"]
 

@@ -9,6 +9,7 @@ from lmx.reward.model import RewardConfig, RewardModel, make_head
 from lmx.reward.trainer import (check_pair_batch, collate_pairs, encode_latents, evaluate,
                                 fit_reward_normalization, load_reward_model, reward_loss_fn,
                                 save_reward_model)
+from lmx.train import TrainConfig, train
 from reward_backbones import EOS, PAD, MeanPoolBackbone, synthetic_pairs
 
 VOCAB = 32
@@ -44,19 +45,8 @@ def test_initial_loss_is_ln2_and_metrics():
 
 
 def _train(model, batch, steps=60, lr=3e-2):
-    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, batch, key):
-        def f(m):
-            s, n, _ = reward_loss_fn(m, batch, key)
-            return s / n
-        loss, grads = nnx.value_and_grad(f)(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = [float(step(model, opt, batch, jax.random.key(i))) for i in range(steps)]
-    return losses
+    cfg = TrainConfig(steps=steps, lr=lr, progress=False)
+    return train(model, reward_loss_fn, lambda step: batch, cfg, tx=optax.adam(lr)).losses
 
 
 @pytest.mark.parametrize("head", ["scalar", "inform"])
