@@ -381,6 +381,13 @@ def _tree_dist(n: int, s: np.ndarray, r: np.ndarray) -> np.ndarray:
     return shortest_path(adj, unweighted=True, directed=False)
 
 
+def _draw_tree(rng: np.random.Generator, n_range: tuple):
+    """A random tree with ``n`` in ``n_range`` (inclusive): ``(n, senders, receivers, hop distances)``."""
+    n = int(rng.integers(n_range[0], n_range[1] + 1))
+    s, r = _random_tree(n, rng)
+    return n, s, r, _tree_dist(n, s, r)
+
+
 def key_retrieval(n_graphs: int, *, seed: int = 0, n_range: tuple = (24, 64), m: int = 8,
                   dim: int = 8, min_sep: int = 4) -> GraphDataset:
     """Key retrieval on random trees: label = value bit of the candidate whose key best matches q.
@@ -393,9 +400,7 @@ def key_retrieval(n_graphs: int, *, seed: int = 0, n_range: tuple = (24, 64), m:
     rng = np.random.default_rng(seed)
     graphs, labels = [], []
     while len(graphs) < n_graphs:
-        n = int(rng.integers(n_range[0], n_range[1] + 1))
-        s, r = _random_tree(n, rng)
-        d = _tree_dist(n, s, r)
+        n, s, r, d = _draw_tree(rng, n_range)
         chosen: list[int] = []
         for v in rng.permutation(n):
             if all(d[v, u] >= min_sep for u in chosen):
@@ -433,9 +438,7 @@ def spd_parity(n_graphs: int, *, seed: int = 0, n_range: tuple = (12, 24),
     rng = np.random.default_rng(seed)
     graphs, labels = [], []
     while len(graphs) < n_graphs:
-        n = int(rng.integers(n_range[0], n_range[1] + 1))
-        s, r = _random_tree(n, rng)
-        d = _tree_dist(n, s, r)
+        n, s, r, d = _draw_tree(rng, n_range)
         want = len(graphs) % 2
         cand = np.argwhere((d >= min_dist) & (d % 2 == want) & np.isfinite(d))
         if cand.size == 0:

@@ -16,6 +16,16 @@ def next_token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _scoring_inputs(model: Transformer, tokens, attention_mask):
+    """Validated ``(tokens, mask)`` of at least 2 positions; an all-True mask when none is given."""
+    tokens, mask = check_tokens(tokens, attention_mask, model.cfg.vocab_size)
+    if tokens.shape[1] < 2:
+        raise ValueError(f"tokens needs at least 2 positions to score a next token, got shape {tokens.shape}")
+    if mask is None:
+        mask = jnp.ones(tokens.shape, bool)
+    return tokens, mask
+
+
 @nnx.jit
 def _token_logprobs(model: Transformer, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     lp = next_token_logprobs(model(tokens, attention_mask=mask), tokens)
@@ -40,11 +50,7 @@ def token_logprobs_with_next(model: Transformer, tokens, attention_mask, next_id
     instead of ``C`` (label-word classification, MDL). Raises like :func:`token_logprobs`, and
     for ``next_ids`` that are not a non-empty 1-D array of in-vocabulary ints.
     """
-    tokens, mask = check_tokens(tokens, attention_mask, model.cfg.vocab_size)
-    if tokens.shape[1] < 2:
-        raise ValueError(f"tokens needs at least 2 positions to score a next token, got shape {tokens.shape}")
-    if mask is None:
-        mask = jnp.ones(tokens.shape, bool)
+    tokens, mask = _scoring_inputs(model, tokens, attention_mask)
     next_ids = np.asarray(next_ids)
     if next_ids.ndim != 1 or next_ids.size == 0 or not np.issubdtype(next_ids.dtype, np.integer):
         raise ValueError(f"next_ids must be a non-empty 1-D int array, got {next_ids.dtype} {next_ids.shape}")
@@ -60,21 +66,13 @@ def token_logprobs(model: Transformer, tokens, attention_mask=None) -> jax.Array
     ``lp.sum(-1)`` is the log-likelihood of each row's real continuation. Softmax in f32.
     Raises ``ValueError``/``TypeError`` for bad shapes, dtypes, or out-of-vocabulary ids.
     """
-    tokens, mask = check_tokens(tokens, attention_mask, model.cfg.vocab_size)
-    if tokens.shape[1] < 2:
-        raise ValueError(f"tokens needs at least 2 positions to score a next token, got shape {tokens.shape}")
-    if mask is None:
-        mask = jnp.ones(tokens.shape, bool)
+    tokens, mask = _scoring_inputs(model, tokens, attention_mask)
     return _token_logprobs(model, tokens, mask)
 
 
 def mean_token_nll(model: Transformer, tokens, attention_mask=None) -> jax.Array:
     """Mean negative log-likelihood per scored token over the whole batch (nats)."""
-    tokens, mask = check_tokens(tokens, attention_mask, model.cfg.vocab_size)
-    if tokens.shape[1] < 2:
-        raise ValueError(f"tokens needs at least 2 positions to score a next token, got shape {tokens.shape}")
-    if mask is None:
-        mask = jnp.ones(tokens.shape, bool)
+    tokens, mask = _scoring_inputs(model, tokens, attention_mask)
     lp = _token_logprobs(model, tokens, mask)
     n = jnp.sum(mask[:, 1:] & mask[:, :-1])
     return -lp.sum() / jnp.maximum(n, 1)
