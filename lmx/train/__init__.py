@@ -111,23 +111,17 @@ def accumulate_grads(graphdef, rest, loss_fn: LossFn, params, batch, rng):
 
     grad_fn = jax.value_and_grad(total, has_aux=True)
     n_micro = jax.tree.leaves(batch)[0].shape[0]
-    if n_micro == 1:
-        # no loop: a scan would carry a zero-initialised gradient sum through its one iteration,
-        # an extra pass over every parameter-sized buffer
-        (lsum, (nsum, metrics)), gsum = grad_fn(params, jax.tree.map(lambda x: x[0], batch),
-                                                jax.random.fold_in(rng, 0))
-        lsum, nsum = lsum.astype(jnp.float32), nsum.astype(jnp.float32)
-    else:
-        def body(carry, xs):
-            gsum, lsum, nsum = carry
-            mb, i = xs
-            (l, (n, metrics)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
-            gsum = jax.tree.map(jnp.add, gsum, g)
-            return (gsum, lsum + l.astype(jnp.float32), nsum + n.astype(jnp.float32)), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (gsum, lsum, nsum), metrics = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
-                                                   (batch, jnp.arange(n_micro)))
+    def body(carry, xs):
+        gsum, lsum, nsum = carry
+        mb, i = xs
+        (l, (n, metrics)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        gsum = jax.tree.map(jnp.add, gsum, g)
+        return (gsum, lsum + l.astype(jnp.float32), nsum + n.astype(jnp.float32)), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (gsum, lsum, nsum), metrics = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
+                                               (batch, jnp.arange(n_micro)))
     denom = jnp.maximum(nsum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, gsum)
     return lsum / denom, grads, nsum, jax.tree.map(jnp.mean, metrics)
