@@ -43,17 +43,27 @@ def timeit(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 2) -> dict:
 
     ``fn`` must block on its own result (use :func:`block`) so the time covers the compute.
     """
+    return timeit_interleaved({"fn": fn}, repeats=repeats, warmup=warmup)["fn"]
+
+
+def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5,
+                       warmup: int = 2) -> dict[str, dict]:
+    """:func:`timeit` for several contenders, timed in alternating rounds (one call of each per
+    round), so drift in the machine's speed during the run hits every contender alike."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
-            "min_s": min(times), "repeats": repeats, "warmup": warmup, "all_s": times}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(ts), "mean_s": statistics.fmean(ts),
+                   "min_s": min(ts), "repeats": repeats, "warmup": warmup, "all_s": ts}
+            for name, ts in times.items()}
 
 
 def versions() -> dict:

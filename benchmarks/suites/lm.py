@@ -1,6 +1,7 @@
 """LM core: train-step and decode throughput, ours vs transformers/PyTorch in the same run; MFU on GPU.
 
-Train step = forward + backward + AdamW on SmolLM2-135M shapes with random tokens (f32 on CPU).
+Train step = forward + backward + AdamW on SmolLM2-135M shapes with random tokens (f32 on CPU);
+ours and torch are timed in alternating rounds in the same process (``timeit_interleaved``).
 Decode = greedy KV-cache generation of ``new_tokens`` after a ``prompt_len`` prompt, forced to
 full length (no stop token), with the SmolLM2-135M-Instruct GGUF weights (random weights if the
 asset is missing; recorded). MFU (GPU preset): model FLOPs 6*N_mm + 6*L*T*H*hd per token
@@ -12,20 +13,22 @@ import dataclasses
 import os
 import pathlib
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import block, timeit
+from benchmarks.common import block, timeit, timeit_interleaved
 from lmx.models import ModelConfig, Transformer, generate, hf_state_dict, load
 from lmx.train import TrainConfig, causal_lm_loss, make_optimizer, make_train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def _ours_train(cfg: ModelConfig, B: int, T: int, repeats: int, warmup: int) -> dict:
+def _ours_train(cfg: ModelConfig, B: int, T: int) -> tuple[Callable[[], None], dict]:
+    """One compiled train step as a blocking call, plus its compile time and temp memory."""
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(TrainConfig(steps=1000, lr=1e-4, weight_decay=0.1))
@@ -43,9 +46,7 @@ def _ours_train(cfg: ModelConfig, B: int, T: int, repeats: int, warmup: int) -> 
         state["p"], state["o"], m = compiled(state["p"], state["o"], rest, batch, key)
         block(m["loss"])
 
-    t = timeit(one, repeats=repeats, warmup=warmup)
-    return {**t, "tok_s": B * T / t["median_s"], "compile_s": compile_s,
-            "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30}
+    return one, {"compile_s": compile_s, "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30}
 
 
 def _torch_llama(cfg: ModelConfig, state_dict: dict | None = None):
@@ -67,7 +68,7 @@ def _torch_llama(cfg: ModelConfig, state_dict: dict | None = None):
     return model
 
 
-def _torch_train(cfg: ModelConfig, B: int, T: int, repeats: int, warmup: int) -> dict:
+def _torch_train(cfg: ModelConfig, B: int, T: int) -> Callable[[], None]:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -81,8 +82,7 @@ def _torch_train(cfg: ModelConfig, B: int, T: int, repeats: int, warmup: int) ->
         loss.backward()
         opt.step()
 
-    t = timeit(one, repeats=repeats, warmup=warmup)
-    return {**t, "tok_s": B * T / t["median_s"]}
+    return one
 
 
 def _decode_inputs(vocab: int, batch: int, prompt_len: int):
@@ -119,7 +119,9 @@ def _mfu(mc: dict) -> dict:
     cfg = getattr(ModelConfig, mc["model"])(compute_dtype="bfloat16", remat=mc["remat"], scan_unroll=1,
                                             attn_impl=mc["attn_impl"], max_seq_len=mc["seq_len"])
     B, T = mc["batch"], mc["seq_len"]
-    res = _ours_train(cfg, B, T, mc["repeats"], mc["warmup"])
+    one, info = _ours_train(cfg, B, T)
+    t = timeit(one, repeats=mc["repeats"], warmup=mc["warmup"])
+    res = {**t, **info, "tok_s": B * T / t["median_s"]}
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
     flops_tok = cfg.train_flops_per_token(T)
@@ -133,11 +135,16 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     summary, details = [], {}
     cfg = ModelConfig.smollm2_135m(max_seq_len=2048)
     for B, T in config.get("train_shapes", []):
-        ours = _ours_train(cfg, B, T, config["train_repeats"], config["train_warmup"])
+        ours_one, info = _ours_train(cfg, B, T)
+        fns = {"ours": ours_one}
+        if config.get("torch"):
+            fns["torch"] = _torch_train(cfg, B, T)
+        t = timeit_interleaved(fns, repeats=config["train_repeats"], warmup=config["train_warmup"])
+        ours = {**t["ours"], **info, "tok_s": B * T / t["ours"]["median_s"]}
         row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"], "ours_compile_s": ours["compile_s"]}
         details[f"train_{B}x{T}_ours"] = ours
         if config.get("torch"):
-            ref = _torch_train(cfg, B, T, config["train_repeats"], config["train_warmup"])
+            ref = {**t["torch"], "tok_s": B * T / t["torch"]["median_s"]}
             details[f"train_{B}x{T}_torch"] = ref
             row.update(torch_tok_s=ref["tok_s"], ratio=ours["tok_s"] / ref["tok_s"])
         summary.append(row)

@@ -1,0 +1,22 @@
+import pytest
+
+from benchmarks.common import timeit, timeit_interleaved
+
+
+def test_interleaved_rounds_alternate_and_count():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    out = timeit_interleaved(fns, repeats=3, warmup=1)
+    # warm-up of each, then one call of each per timed round
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    for name in fns:
+        assert out[name]["repeats"] == 3 and len(out[name]["all_s"]) == 3
+        assert out[name]["min_s"] <= out[name]["median_s"]
+
+
+def test_timeit_single_and_bad_arguments():
+    n = []
+    t = timeit(lambda: n.append(1), repeats=4, warmup=2)
+    assert len(n) == 6 and t["repeats"] == 4
+    with pytest.raises(ValueError, match="repeats"):
+        timeit_interleaved({"a": lambda: None}, repeats=0)
