@@ -278,7 +278,7 @@ def _reverse_by_forward_in_lam(block):
 
     The packets depend on the hyperparameters only through the scalar rate ``lam``; reverse mode
     through the Horner rows, the small solves and the knot sums stores every intermediate and cost
-    ~8x the construction (measured), while a JVP with a unit tangent costs ~2x and keeps only
+    ~8x the construction (measured), while a JVP with a unit tangent costs ~3x and keeps only
     the output tangents, from which any cotangent's ``lam`` component is one dot product. The
     inputs ``xi`` keep exact reverse-mode derivatives (recomputed in the backward pass; dead code
     under ``jit`` when ``x`` is not differentiated). Being a custom VJP, the construction supports

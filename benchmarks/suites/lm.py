@@ -27,6 +27,11 @@ from lmx.train import TrainConfig, causal_lm_loss, make_optimizer, make_train_st
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
+def _with_tok_s(timing: dict, n_tokens: int, **extra) -> dict:
+    """A :func:`timeit` result plus ``extra`` and tokens/s from its median."""
+    return {**timing, **extra, "tok_s": n_tokens / timing["median_s"]}
+
+
 def _ours_train(cfg: ModelConfig, B: int, T: int) -> tuple[Callable[[], None], dict]:
     """One compiled train step as a blocking call, plus its compile time and temp memory."""
     model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -96,8 +101,7 @@ def _ours_decode(model, batch: int, prompt_len: int, new: int, repeats: int) -> 
     generate(model, prompts, max_new_tokens=new)
     first_s = time.perf_counter() - t0
     t = timeit(lambda: generate(model, prompts, max_new_tokens=new), repeats=repeats, warmup=0)
-    return {**t, "tok_s": batch * new / t["median_s"], "ms_per_step": 1e3 * t["median_s"] / new,
-            "first_call_s": first_s}
+    return _with_tok_s(t, batch * new, ms_per_step=1e3 * t["median_s"] / new, first_call_s=first_s)
 
 
 def _torch_decode(hf_model, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
@@ -112,7 +116,7 @@ def _torch_decode(hf_model, batch: int, prompt_len: int, new: int, repeats: int)
             hf_model.generate(prompts, **kw)
 
     t = timeit(one, repeats=repeats, warmup=1)
-    return {**t, "tok_s": batch * new / t["median_s"], "ms_per_step": 1e3 * t["median_s"] / new}
+    return _with_tok_s(t, batch * new, ms_per_step=1e3 * t["median_s"] / new)
 
 
 def _mfu(mc: dict) -> dict:
@@ -120,8 +124,7 @@ def _mfu(mc: dict) -> dict:
                                             attn_impl=mc["attn_impl"], max_seq_len=mc["seq_len"])
     B, T = mc["batch"], mc["seq_len"]
     one, info = _ours_train(cfg, B, T)
-    t = timeit(one, repeats=mc["repeats"], warmup=mc["warmup"])
-    res = {**t, **info, "tok_s": B * T / t["median_s"]}
+    res = _with_tok_s(timeit(one, repeats=mc["repeats"], warmup=mc["warmup"]), B * T, **info)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
     flops_tok = cfg.train_flops_per_token(T)
@@ -140,11 +143,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         if config.get("torch"):
             fns["torch"] = _torch_train(cfg, B, T)
         t = timeit_interleaved(fns, repeats=config["train_repeats"], warmup=config["train_warmup"])
-        ours = {**t["ours"], **info, "tok_s": B * T / t["ours"]["median_s"]}
+        ours = _with_tok_s(t["ours"], B * T, **info)
         row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"], "ours_compile_s": ours["compile_s"]}
         details[f"train_{B}x{T}_ours"] = ours
         if config.get("torch"):
-            ref = {**t["torch"], "tok_s": B * T / t["torch"]["median_s"]}
+            ref = _with_tok_s(t["torch"], B * T)
             details[f"train_{B}x{T}_torch"] = ref
             row.update(torch_tok_s=ref["tok_s"], ratio=ours["tok_s"] / ref["tok_s"])
         summary.append(row)
