@@ -166,16 +166,21 @@ def _filter_passes(T, H, y, R, P_inf, store: bool):
 
 
 def _filter_lml(q: int, x, y, lam, variance, noise, order):
-    """Kalman-filter log marginal likelihood (:func:`_filter_passes`, nothing stored)."""
+    """Kalman-filter log marginal likelihood, nothing stored: one scan for q <= 1 (its body
+    already compiles into one kernel), else the two scans of :func:`_filter_passes`. Measured at
+    n = 1e6 on one core, one scan / two scans: q = 0 18 / 25 ms, q = 1 30 / 61, q = 2 760 / 90,
+    q = 3 450 / 210."""
+    if q <= 1:
+        return _filter_lml_one_scan(q, x, y, lam, variance, noise, order)
     P_inf, T, H, R = _inputs(x, q, lam, variance, noise, order)
     acc = _filter_passes(T, H, y, R, P_inf, store=False)[0]
     return -0.5 * (acc + x.shape[0] * jnp.log(2 * jnp.pi))
 
 
 def _filter_lml_one_scan(q: int, x, y, lam, variance, noise, order):
-    """The same log-likelihood in one scan. Used for derivatives: forward mode through the two
-    scans stores the tangents of every ``S_i, K_i`` and measured 1.6-1.7x slower for q = 2, 3 at
-    n = 1e6."""
+    """The same log-likelihood in one scan. Also used for all derivatives: forward mode through
+    the two scans stores the tangents of every ``S_i, K_i`` and measured 1.6-1.7x slower for
+    q = 2, 3 at n = 1e6."""
     P_inf, T, H, R = _inputs(x, q, lam, variance, noise, order)
 
     def step(carry, inp):
