@@ -102,10 +102,13 @@ def test_filter_smoother_lml_equals_log_likelihood_and_smoothed_mean_equals_dens
     assert _rel(st.ps[:, 0, 0], v_ref) < 1e-9
 
 
-def test_spd_solve_matches_numpy(rng):
+def test_spd_solve_matches_numpy_unbatched_and_batch_last(rng):
     for m in (1, 2, 3, 4):
-        a = rng.normal(size=(m, m))
-        A = a @ a.T + m * np.eye(m)
-        B = rng.normal(size=(m, 3))
-        assert _rel(statespace._spd_solve(jnp.asarray(A), jnp.asarray(B)),
-                    np.linalg.solve(A, B)) < 1e-13
+        a = rng.normal(size=(5, m, m))
+        A = a @ np.swapaxes(a, 1, 2) + m * np.eye(m)
+        B = rng.normal(size=(5, m, 3))
+        want = np.linalg.solve(A, B)
+        assert _rel(statespace._spd_solve(jnp.asarray(A[0]), jnp.asarray(B[0])), want[0]) < 1e-13
+        got = statespace._spd_solve(jnp.moveaxis(jnp.asarray(A), 0, -1),
+                                    jnp.moveaxis(jnp.asarray(B), 0, -1))
+        assert _rel(jnp.moveaxis(got, -1, 0), want) < 1e-13
