@@ -199,7 +199,7 @@ def _lml_jvp(q, primals, tangents):
     it and forward mode (``jacfwd``, ``hessian``) differentiates it again. Data arguments
     (``x``, ``y``, per-point ``noise``) use ordinary autodiff through the scan.
     """
-    x, y, lam, variance, noise, order = primals
+    x, order = primals[0], primals[5]
     names = ("x", "y", "lam", "variance", "noise")
     args = dict(zip(names, primals[:5]))
     tans = dict(zip(names, tangents[:5]))
