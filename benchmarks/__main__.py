@@ -31,6 +31,7 @@ def run_suite(name: str, preset: str, out_dir: pathlib.Path) -> dict:
     wall = time.perf_counter() - t0
     if "summary" not in result:
         raise RuntimeError(f"suite {name!r} returned no 'summary' rows")
+    result["plots"] = [common.tag_with_preset(p, name, preset) for p in result.get("plots", [])]
     path = common.write_result(name, preset, config, result, wall, out_dir)
     print(common.format_table(result["summary"], f"{name} ({preset}, {wall:.1f} s) -> {path}"),
           flush=True)

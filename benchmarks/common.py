@@ -164,3 +164,16 @@ def format_table(rows: Iterable[dict], title: str | None = None) -> str:
         "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def tag_with_preset(path: str, suite: str, preset: str) -> str:
+    """Rename a suite's plot ``<suite>_<what>.png`` to ``<suite>_<preset>_<what>.png`` so that
+    one preset's run does not overwrite another's plots; returns the new path."""
+    p = pathlib.Path(path)
+    prefix = f"{suite}_{preset}_"
+    if p.name.startswith(prefix) or not p.exists():
+        return str(p)
+    rest = p.name[len(suite) + 1:] if p.name.startswith(f"{suite}_") else p.name
+    new = p.with_name(prefix + rest)
+    p.replace(new)
+    return str(new)

@@ -20,3 +20,13 @@ def test_timeit_single_and_bad_arguments():
     assert len(n) == 6 and t["repeats"] == 4
     with pytest.raises(ValueError, match="repeats"):
         timeit_interleaved({"a": lambda: None}, repeats=0)
+
+
+def test_plots_are_renamed_per_preset(tmp_path):
+    from benchmarks.common import tag_with_preset
+
+    p = tmp_path / "graphs_tradeoff.png"
+    p.write_bytes(b"png")
+    new = tag_with_preset(str(p), "graphs", "cpu_long")
+    assert new.endswith("graphs_cpu_long_tradeoff.png") and not p.exists()
+    assert tag_with_preset(new, "graphs", "cpu_long") == new

@@ -2,8 +2,8 @@
 
 Protocol (per dataset x backbone x seed): train the dense model ``dense_steps``; then, from that
 checkpoint, fine-tune ``finetune_steps`` under each GTSP setting (one axis at a time at each
-sparsity, plus all four axes together); the "dense" row gets the same extra steps without
-pruning. Clean-mode models are exported (physically smaller) and evaluated as exported;
+sparsity, plus the ``combined`` settings: all four axes, or a listed subset); the "dense" row
+gets the same extra steps without pruning. Clean-mode models are exported (physically smaller) and evaluated as exported;
 faithful-mode models are evaluated with their masks (S1 semantics). FLOPs are the analytic
 core FLOPs per test graph (unpadded): executed for clean exports, theoretical (spec §1.7) for
 faithful masks. Inference time (first seed only): a jitted forward over all graphs of the
@@ -65,9 +65,12 @@ def _settings(cfg: dict, first_seed: bool) -> list[tuple[str, str, float, gtsp.G
         for axis in cfg["axes"]:
             for s in sps:
                 out.append((mode, axis, s, gtsp.GTSPConfig(mode=mode, **{axis: s})))
-    for s in cfg.get("combined", []):
-        out.append(("clean", "all4", s, gtsp.GTSPConfig(mode="clean", token=s, head=s, layer=s,
-                                                        weight=s)))
+    for c in cfg.get("combined", []):
+        # a number: all four axes at that sparsity; {"axes": [...], "s": x}: those axes only
+        names, s = (("token", "head", "layer", "weight"), c) if not isinstance(c, dict) \
+            else (tuple(c["axes"]), c["s"])
+        label = "all4" if len(names) == 4 else "+".join(names)
+        out.append(("clean", label, s, gtsp.GTSPConfig(mode="clean", **{a: s for a in names})))
     return out
 
 
