@@ -106,6 +106,19 @@ def test_gradients_match_dense(rng, q):
         np.testing.assert_allclose(g, g_d, rtol=1e-8, atol=1e-8 * np.abs(g_d).max())
 
 
+def test_auto_likelihood_supports_hessian(rng):
+    """'auto' runs the state-space likelihood (custom JVP), so second derivatives work."""
+    x, y = _data(rng, 40, "jittered", 3.0)
+    p0 = jnp.log(jnp.array([3.0, 1.3, 0.05]))
+
+    def lml(p, method):
+        return api.log_marginal_likelihood(x, y, 1, *jnp.exp(p), method=method)
+
+    H = jax.hessian(lml)(p0, "auto")
+    np.testing.assert_allclose(H, jax.hessian(lml)(p0, "dense"), rtol=1e-8,
+                               atol=1e-9 * np.abs(H).max())
+
+
 def test_jit_and_vmap_over_hyperparameters(rng):
     x, y = _data(rng, N, "jittered", 3.0)
     ells = jnp.array([2.0, 3.0, 4.0])
