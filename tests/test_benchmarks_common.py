@@ -30,3 +30,17 @@ def test_plots_are_renamed_per_preset(tmp_path):
     new = tag_with_preset(str(p), "graphs", "cpu_long")
     assert new.endswith("graphs_cpu_long_tradeoff.png") and not p.exists()
     assert tag_with_preset(new, "graphs", "cpu_long") == new
+
+
+def test_graphs_combined_settings_all_four_or_listed_axes():
+    from benchmarks.suites.graphs import _settings
+
+    cfg = {"axes": ["token"], "sparsities": [0.75],
+           "combined": [0.25, {"axes": ["token", "head"], "s": 0.5}]}
+    out = {(mode, axis, s): g for mode, axis, s, g in _settings(cfg, first_seed=True)}
+    assert set(out) == {("clean", "token", 0.75), ("clean", "all4", 0.25),
+                        ("clean", "token+head", 0.5)}
+    g = out[("clean", "token+head", 0.5)]
+    assert (g.token, g.head, g.layer, g.weight) == (0.5, 0.5, 0.0, 0.0)
+    g = out[("clean", "all4", 0.25)]
+    assert (g.token, g.head, g.layer, g.weight) == (0.25, 0.25, 0.25, 0.25)
