@@ -26,12 +26,16 @@ def run_suite(name: str, preset: str, out_dir: pathlib.Path) -> dict:
         raise SystemExit(f"unknown suite {name!r}; available: {', '.join(available_suites())}")
     config = common.load_config(name, preset)
     module = importlib.import_module(f"benchmarks.suites.{name}")
+    # the suite writes plots and caches into its own work folder, so a preset's run never
+    # overwrites another preset's plots; the plots are then moved next to the JSON, tagged
+    work = out_dir / f".work-{name}-{preset}"
     t0 = time.perf_counter()
-    result = module.run(config, out_dir)
+    result = module.run(config, work)
     wall = time.perf_counter() - t0
     if "summary" not in result:
         raise RuntimeError(f"suite {name!r} returned no 'summary' rows")
-    result["plots"] = [common.tag_with_preset(p, name, preset) for p in result.get("plots", [])]
+    result["plots"] = [common.tag_with_preset(p, name, preset, out_dir)
+                       for p in result.get("plots", [])]
     path = common.write_result(name, preset, config, result, wall, out_dir)
     print(common.format_table(result["summary"], f"{name} ({preset}, {wall:.1f} s) -> {path}"),
           flush=True)

@@ -166,14 +166,15 @@ def format_table(rows: Iterable[dict], title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tag_with_preset(path: str, suite: str, preset: str) -> str:
-    """Rename a suite's plot ``<suite>_<what>.png`` to ``<suite>_<preset>_<what>.png`` so that
-    one preset's run does not overwrite another's plots; returns the new path."""
+def tag_with_preset(path: str, suite: str, preset: str, out_dir: pathlib.Path) -> str:
+    """Move a suite's plot ``<suite>_<what>.png`` to ``<out_dir>/<suite>_<preset>_<what>.png``
+    (one preset's run must not overwrite another's plots); returns the new path."""
     p = pathlib.Path(path)
     prefix = f"{suite}_{preset}_"
-    if p.name.startswith(prefix) or not p.exists():
-        return str(p)
-    rest = p.name[len(suite) + 1:] if p.name.startswith(f"{suite}_") else p.name
-    new = p.with_name(prefix + rest)
-    p.replace(new)
+    rest = p.name[len(prefix):] if p.name.startswith(prefix) else (
+        p.name[len(suite) + 1:] if p.name.startswith(f"{suite}_") else p.name)
+    new = pathlib.Path(out_dir) / (prefix + rest)
+    if p.exists() and p.resolve() != new.resolve():
+        new.parent.mkdir(parents=True, exist_ok=True)
+        p.replace(new)
     return str(new)

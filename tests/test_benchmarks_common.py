@@ -22,14 +22,17 @@ def test_timeit_single_and_bad_arguments():
         timeit_interleaved({"a": lambda: None}, repeats=0)
 
 
-def test_plots_are_renamed_per_preset(tmp_path):
+def test_plots_are_moved_and_tagged_per_preset(tmp_path):
     from benchmarks.common import tag_with_preset
 
-    p = tmp_path / "graphs_tradeoff.png"
+    work = tmp_path / ".work-graphs-cpu_long"
+    work.mkdir()
+    p = work / "graphs_tradeoff.png"
     p.write_bytes(b"png")
-    new = tag_with_preset(str(p), "graphs", "cpu_long")
-    assert new.endswith("graphs_cpu_long_tradeoff.png") and not p.exists()
-    assert tag_with_preset(new, "graphs", "cpu_long") == new
+    new = tag_with_preset(str(p), "graphs", "cpu_long", tmp_path)
+    assert new == str(tmp_path / "graphs_cpu_long_tradeoff.png") and not p.exists()
+    assert (tmp_path / "graphs_cpu_long_tradeoff.png").read_bytes() == b"png"
+    assert tag_with_preset(new, "graphs", "cpu_long", tmp_path) == new
 
 
 def test_graphs_combined_settings_all_four_or_listed_axes():
