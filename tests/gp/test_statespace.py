@@ -25,36 +25,30 @@ def _rel(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
+# numpy, not jnp: a jnp array made at import time would be float32 (x64 is switched on per test)
+P0 = np.log([1.7, 1.3, 0.05])
+
+
+def _lml_of_log_hyper(rng, q):
+    """(ours, dense): log-likelihood as a function of (log ell, log s2, log noise)."""
+    x, y = _data(rng, q)
+    return (lambda p: statespace.log_likelihood(x, y, q, *jnp.exp(p)),
+            lambda p: dense.log_marginal_likelihood(x, y, q, *jnp.exp(p)))
+
+
 @pytest.mark.parametrize("q", [0, 1, 2, 3])
 def test_lml_value_and_gradients_in_hyperparameters_equal_dense(rng, q):
     """q <= 1 runs one filter scan, q >= 2 two; reverse and forward mode both go through the
     custom JVP."""
-    x, y = _data(rng, q)
-    p = jnp.log(jnp.array([1.7, 1.3, 0.05]))
-
-    def ours(p):
-        return statespace.log_likelihood(x, y, q, *jnp.exp(p))
-
-    def ref(p):
-        return dense.log_marginal_likelihood(x, y, q, *jnp.exp(p))
-
-    assert _rel(ours(p), ref(p)) < 1e-12
-    assert _rel(jax.grad(ours)(p), jax.grad(ref)(p)) < 1e-10
-    assert _rel(jax.jacfwd(ours)(p), jax.grad(ref)(p)) < 1e-10
+    ours, ref = _lml_of_log_hyper(rng, q)
+    assert _rel(ours(P0), ref(P0)) < 1e-12
+    assert _rel(jax.grad(ours)(P0), jax.grad(ref)(P0)) < 1e-10
+    assert _rel(jax.jacfwd(ours)(P0), jax.grad(ref)(P0)) < 1e-10
 
 
 def test_lml_hessian_in_hyperparameters_equals_dense(rng):
-    q = 2
-    x, y = _data(rng, q)
-    p = jnp.log(jnp.array([1.7, 1.3, 0.05]))
-
-    def ours(p):
-        return statespace.log_likelihood(x, y, q, *jnp.exp(p))
-
-    def ref(p):
-        return dense.log_marginal_likelihood(x, y, q, *jnp.exp(p))
-
-    assert _rel(jax.hessian(ours)(p), jax.hessian(ref)(p)) < 1e-9
+    ours, ref = _lml_of_log_hyper(rng, 2)
+    assert _rel(jax.hessian(ours)(P0), jax.hessian(ref)(P0)) < 1e-9
 
 
 def test_lml_gradients_in_data_and_per_point_noise_equal_dense(rng):
@@ -75,15 +69,8 @@ def test_lml_gradients_in_data_and_per_point_noise_equal_dense(rng):
 
 
 def test_lml_vmaps_over_hyperparameters_with_gradients(rng):
-    q = 1
-    x, y = _data(rng, q)
+    ours, ref = _lml_of_log_hyper(rng, 1)
     ps = jnp.log(jnp.array([[1.0, 1.0, 0.1], [2.0, 0.5, 0.02], [0.5, 3.0, 0.3]]))
-
-    def ours(p):
-        return statespace.log_likelihood(x, y, q, *jnp.exp(p))
-
-    def ref(p):
-        return dense.log_marginal_likelihood(x, y, q, *jnp.exp(p))
 
     v, g = jax.vmap(jax.value_and_grad(ours))(ps)
     for i in range(len(ps)):
