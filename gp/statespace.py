@@ -67,22 +67,25 @@ def _mmt(A, B):
     return jnp.sum(A[..., :, None, :] * B[..., None, :, :], axis=-1)
 
 
-def _kalman_step(m, P, T, h, y, r, P_inf):
-    """Predict ``(m, P)`` through ``T`` and update with ``y = h . state + N(0, r)``.
+def _cov_step(D, T, h, r, P_inf):
+    """Covariance half of a Kalman step, on ``D = P - P_inf`` (fewer bytes than ``P``).
 
-    ``h=None`` observes the first state entry (the function value) without products by ``h``
-    (the common case, with fewer operations per step). Returns the filtered ``(m, P)`` and
-    the step's log predictive density.
+    Predicts through ``T`` and updates with an observation ``h . state + N(0, r)``; ``h=None``
+    observes the first state entry (the function value) without products by ``h``. Returns the
+    filtered ``D``, the innovation variance ``S``, the gain ``K`` and the predicted ``D``.
     """
-    mp = _mv(T, m)
-    Pp = _mmt(_mm(T, P - P_inf), T) + P_inf
-    ph = Pp[:, 0] if h is None else _mv(Pp, h)
+    Dp = _mmt(_mm(T, D), T)
+    ph = Dp[:, 0] + P_inf[:, 0] if h is None else _mv(Dp + P_inf, h)
     S = (ph[0] if h is None else jnp.sum(h * ph)) + r
-    v = y - (mp[0] if h is None else jnp.sum(h * mp))
     K = ph / S
-    mf = mp + K * v
-    Pf = _sym(Pp - K[:, None] * ph[None, :])
-    return mf, Pf, -0.5 * (jnp.log(2 * jnp.pi * S) + v * v / S)
+    return Dp - K[:, None] * ph[None, :], S, K, Dp
+
+
+def _mean_step(m, T, h, K, S, y):
+    """Mean half of a Kalman step: the filtered mean and ``log S + v^2 / S`` of the innovation."""
+    mp = _mv(T, m)
+    v = y - (mp[0] if h is None else jnp.sum(h * mp))
+    return mp + K * v, jnp.log(S) + v * v / S
 
 
 def _spd_solve(A, B):
@@ -122,49 +125,43 @@ def _filter_passes(T, H, y, R, P_inf, store: bool):
     Why two scans: XLA:CPU compiles a ``while`` loop whose body touches under ~1 kB into a single
     kernel (its small-while-loop hoisting) instead of launching each fused op of the body per
     step. One combined step is over that size for q >= 2; each half of the likelihood pass is
-    under it for q <= 2. Measured at n = 1e6, q = 2 (2-core EPYC, one core): 450 -> 37 ms. The
-    covariance carry is ``D = P - P_inf`` (fewer bytes than ``P``).
+    under it for q <= 2. Measured at n = 1e6, q = 2 (2-core EPYC, one core): 450 -> 37 ms.
 
-    Returns ``(sum_i log S_i + v_i^2 / S_i, mf, Pf, Pp)`` (filtered means and covariances, one-step
-    predicted covariances; ``None`` unless ``store``).
+    Returns ``(lml, mf, Pf, Pp)`` (filtered means and covariances, one-step predicted
+    covariances; ``None`` unless ``store``).
     """
-    p_h = P_inf[:, 0]
-
-    def cov_step(D, inp):
-        Ti, hi, ri = inp
-        Dp = _mmt(_mm(Ti, D), Ti)
-        ph = Dp[:, 0] + p_h if hi is None else _mv(Dp + P_inf, hi)
-        S = (ph[0] if hi is None else jnp.sum(hi * ph)) + ri
-        K = ph / S
-        Df = Dp - K[:, None] * ph[None, :]
+    def cov_scan(D, inp):
+        Df, S, K, Dp = _cov_step(D, *inp, P_inf)
         return Df, ((S, K, Df, Dp) if store else (S, K))
 
-    def mean_step(carry, inp):
+    def mean_scan(carry, inp):
         m, acc = carry
-        Ti, hi, Ki, Si, yi = inp
-        mp = _mv(Ti, m)
-        v = yi - (mp[0] if hi is None else jnp.sum(hi * mp))
-        mf = mp + Ki * v
-        return (mf, acc + (jnp.log(Si) + v * v / Si)), (mf if store else None)
+        mf, term = _mean_step(m, *inp)
+        return (mf, acc + term), (mf if store else None)
 
-    _, cov = jax.lax.scan(cov_step, jnp.zeros_like(P_inf), (T, H, R))
-    init = (jnp.zeros_like(p_h), jnp.zeros((), P_inf.dtype))
-    (_, acc), mf = jax.lax.scan(mean_step, init, (T, H, cov[1], cov[0], y))
+    _, cov = jax.lax.scan(cov_scan, jnp.zeros_like(P_inf), (T, H, R))
+    init = (jnp.zeros_like(P_inf[:, 0]), jnp.zeros((), P_inf.dtype))
+    (_, acc), mf = jax.lax.scan(mean_scan, init, (T, H, cov[1], cov[0], y))
+    lml = _lml_from_sum(acc, y.shape[0])
     if not store:
-        return acc, None, None, None
-    return acc, mf, _sym(cov[2] + P_inf), _sym(cov[3] + P_inf)
+        return lml, None, None, None
+    return lml, mf, _sym(cov[2] + P_inf), _sym(cov[3] + P_inf)
+
+
+def _lml_from_sum(acc, n: int):
+    """``-1/2 (sum_i log S_i + v_i^2 / S_i + n log 2 pi)``."""
+    return -0.5 * (acc + n * jnp.log(2 * jnp.pi))
 
 
 def _filter_lml(q: int, x, y, lam, variance, noise, order):
     """Kalman-filter log marginal likelihood, nothing stored: one scan for q <= 1 (its body
     already compiles into one kernel), else the two scans of :func:`_filter_passes`. Measured at
-    n = 1e6 on one core, one scan / two scans: q = 0 18 / 25 ms, q = 1 30 / 61, q = 2 760 / 90,
-    q = 3 450 / 210."""
+    n = 1e6 on one core, one scan / two scans: q = 0 14 / 25 ms, q = 1 24 / 61, q = 2 480 / 86,
+    q = 3 1130 / 198."""
     if q <= 1:
         return _filter_lml_one_scan(q, x, y, lam, variance, noise, order)
     P_inf, T, H, R = _inputs(x, q, lam, variance, noise, order)
-    acc = _filter_passes(T, H, y, R, P_inf, store=False)[0]
-    return -0.5 * (acc + x.shape[0] * jnp.log(2 * jnp.pi))
+    return _filter_passes(T, H, y, R, P_inf, store=False)[0]
 
 
 def _filter_lml_one_scan(q: int, x, y, lam, variance, noise, order):
@@ -174,13 +171,15 @@ def _filter_lml_one_scan(q: int, x, y, lam, variance, noise, order):
     P_inf, T, H, R = _inputs(x, q, lam, variance, noise, order)
 
     def step(carry, inp):
-        m, P, acc = carry
-        m, P, ll = _kalman_step(m, P, *inp, P_inf)
-        return (m, P, acc + ll), None
+        D, m, acc = carry
+        Ti, hi, yi, ri = inp
+        D, S, K, _ = _cov_step(D, Ti, hi, ri, P_inf)
+        m, term = _mean_step(m, Ti, hi, K, S, yi)
+        return (D, m, acc + term), None
 
-    init = (jnp.zeros((q + 1,), x.dtype), P_inf, jnp.zeros((), x.dtype))
-    (_, _, lml), _ = jax.lax.scan(step, init, (T, H, y, R))
-    return lml
+    init = (jnp.zeros_like(P_inf), jnp.zeros((q + 1,), x.dtype), jnp.zeros((), x.dtype))
+    (_, _, acc), _ = jax.lax.scan(step, init, (T, H, y, R))
+    return _lml_from_sum(acc, x.shape[0])
 
 
 def _perturbed(tangent) -> bool:
@@ -262,8 +261,7 @@ def filter_smoother(x, y, q: int, lengthscale, variance, noise, order=None, *, s
     q = kernels.check_q(q)
     lam = jnp.asarray(kernels.rate(q, lengthscale), dtype=x.dtype)
     P_inf, T, H, R = _inputs(x, q, lam, variance, noise, order)
-    acc, mf, Pf, Pp = _filter_passes(T, H, y, R, P_inf, store=True)
-    lml = -0.5 * (acc + x.shape[0] * jnp.log(2 * jnp.pi))
+    lml, mf, Pf, Pp = _filter_passes(T, H, y, R, P_inf, store=True)
     if not smooth:
         return lml, SmootherState(x, lam, P_inf, mf, Pf, mf, Pf)
 

@@ -4,12 +4,13 @@ Rows (``summary``):
 * ``task=lml`` / ``lml+grad``: log marginal likelihood (and ``jax.value_and_grad`` w.r.t.
   ``(log ell, log s2, log noise)``) on sorted ``x ~ U(0, n/10)``, ``ell = 1, s2 = 1, noise =
   0.01`` (spec §10 setup) for ``ours-kp`` (packets, forced), ``ours-ss`` (our Kalman filter,
-  also what ``method="auto"`` uses for the likelihood), ``tinygp`` (quasisep Matern32/52) and ``dense`` (Cholesky, ``n <= dense_max``). ``rel_err``
-  compares each value with tinygp's.
+  also what ``method="auto"`` uses for the likelihood), ``tinygp`` (quasisep Matern32/52) and
+  ``dense`` (Cholesky, ``n <= dense_max``). ``rel_err`` compares each value with tinygp's.
 * ``task=predict-mean`` / ``predict-mean+var``: condition on ``n`` points and predict at ``m``
   test points, timed end to end; ``predict-query`` times only our per-point query after
   conditioning. ``ours-kp`` conditions with packets (mean) and, for variances, the RTS smoother
-  too (``ours-kp+ss``); ``ours-ss`` takes mean and variance from the smoother alone. tinygp's mean uses ``condition(y, X_test).gp.loc`` (O(n + m)); its variance at
+  too (``ours-kp+ss``); ``ours-ss`` takes mean and variance from the smoother alone. tinygp's
+  mean uses ``condition(y, X_test).gp.loc`` (O(n + m)); its variance at
   new points uses one augmented sorted GP with noise 1e12 at the test points (its direct
   ``variance`` would build a dense n x m matrix).
 * ``task=co2``: hyperparameters learned with optax on statsmodels' CO2 series (de-trended),
@@ -207,10 +208,9 @@ def _bench_co2(cfg, rows, out_dir):
     trend = np.vander(tt, 3) @ coef
     r = yv - trend
     q = 2
-    method = "auto"
     t_fit = time.perf_counter()
     res = api.fit(tt[:split], r[:split], q, lengthscale=1.0, variance=1.0, noise=0.1,
-                  steps=int(cfg["co2_steps"]), learning_rate=0.05, method=method)
+                  steps=int(cfg["co2_steps"]), learning_rate=0.05)
     fit_time = time.perf_counter() - t_fit  # one run, compile included
     post = api.condition(tt[:split], r[:split], q, res.lengthscale, res.variance, res.noise)
     grid = np.linspace(tt.min(), tt.max() + 1.0, 3000)
@@ -218,7 +218,7 @@ def _bench_co2(cfg, rows, out_dir):
     pred_test = api.predict(post, tt[split:])
     rmse = float(np.sqrt(np.mean((np.asarray(pred_test) - r[split:]) ** 2)))
     rmse_trend = float(np.sqrt(np.mean(r[split:] ** 2)))
-    rows.append({"task": "co2", "q": q, "n": split, "method": f"ours ({method})",
+    rows.append({"task": "co2", "q": q, "n": split, "method": "ours (auto)",
                  "fit_time_s_incl_compile": fit_time, "lengthscale_yr": float(res.lengthscale),
                  "variance": float(res.variance), "noise": float(res.noise),
                  "heldout_rmse_ppm": rmse, "trend_only_rmse_ppm": rmse_trend})

@@ -3,9 +3,9 @@
 Protocol (per dataset x backbone x seed): train the dense model ``dense_steps``; then, from that
 checkpoint, fine-tune ``finetune_steps`` under each GTSP setting (one axis at a time at each
 sparsity, plus the ``combined`` settings: all four axes, or a listed subset); the "dense" row
-gets the same extra steps without pruning. Clean-mode models are exported (physically smaller) and evaluated as exported;
-faithful-mode models are evaluated with their masks (S1 semantics). FLOPs are the analytic
-core FLOPs per test graph (unpadded): executed for clean exports, theoretical (spec §1.7) for
+gets the same extra steps without pruning. Clean-mode models are exported (physically smaller)
+and evaluated as exported; faithful-mode models are evaluated with their masks (S1
+semantics). FLOPs are the analytic core FLOPs per test graph (unpadded): executed for clean exports, theoretical (spec §1.7) for
 faithful masks. Inference time (first seed only): a jitted forward over all graphs of the
 dataset in padded batches; the dense and all pruned models of one backbone are timed in the same
 process, interleaved (one pass of each per round, after a warm-up pass each), and each row
