@@ -47,3 +47,6 @@ def test_graphs_combined_settings_all_four_or_listed_axes():
     assert (g.token, g.head, g.layer, g.weight) == (0.5, 0.5, 0.0, 0.0)
     g = out[("clean", "all4", 0.25)]
     assert (g.token, g.head, g.layer, g.weight) == (0.25, 0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="combined setting"):
+        _settings({"axes": [], "sparsities": [], "combined": [{"axes": ["tokens"], "s": 0.5}]},
+                  first_seed=True)

@@ -65,10 +65,13 @@ def _settings(cfg: dict, first_seed: bool) -> list[tuple[str, str, float, gtsp.G
         for axis in cfg["axes"]:
             for s in sps:
                 out.append((mode, axis, s, gtsp.GTSPConfig(mode=mode, **{axis: s})))
+    all_axes = ("token", "head", "layer", "weight")
     for c in cfg.get("combined", []):
         # a number: all four axes at that sparsity; {"axes": [...], "s": x}: those axes only
-        names, s = (("token", "head", "layer", "weight"), c) if not isinstance(c, dict) \
-            else (tuple(c["axes"]), c["s"])
+        if isinstance(c, dict) and (set(c) != {"axes", "s"} or not set(c["axes"]) <= set(all_axes)):
+            raise ValueError(f"combined setting {c!r}: expected a number or "
+                             f"{{'axes': subset of {list(all_axes)}, 's': sparsity}}")
+        names, s = (all_axes, c) if not isinstance(c, dict) else (tuple(c["axes"]), c["s"])
         label = "all4" if len(names) == 4 else "+".join(names)
         out.append(("clean", label, s, gtsp.GTSPConfig(mode="clean", **{a: s for a in names})))
     return out
