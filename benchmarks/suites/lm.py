@@ -1,7 +1,8 @@
 """LM core: train-step and decode throughput, ours vs transformers/PyTorch in the same run; MFU on GPU.
 
-Train step = forward + backward + AdamW on SmolLM2-135M shapes with random tokens (f32 on CPU);
-ours and torch are timed in alternating rounds in the same process (``timeit_interleaved``).
+Train step = forward + backward + global-norm clipping (1.0) + AdamW on SmolLM2-135M shapes with
+random tokens (f32 on CPU), the same work on both sides (torch clipped its gradients only from
+2026-11-26 17:40 on; earlier results had ours clip and torch not); ours and torch are timed in alternating rounds in the same process (``timeit_interleaved``).
 Decode = greedy KV-cache generation of ``new_tokens`` after a ``prompt_len`` prompt, forced to
 full length (no stop token), with the SmolLM2-135M-Instruct GGUF weights (random weights if the
 asset is missing; recorded). MFU (GPU preset): model FLOPs 6*N_mm + 6*L*T*H*hd per token
@@ -10,6 +11,8 @@ asset is missing; recorded). MFU (GPU preset): model FLOPs 6*N_mm + 6*L*T*H*hd p
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import os
 import pathlib
 import time
@@ -21,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import block, timeit, timeit_interleaved
-from lmx.models import ModelConfig, Transformer, generate, hf_state_dict, load
+from lmx.models import ModelConfig, Transformer, generate, hf_state_dict, load, next_token_logprobs
 from lmx.train import TrainConfig, causal_lm_loss, make_optimizer, make_train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -32,13 +35,29 @@ def _with_tok_s(timing: dict, n_tokens: int, **extra) -> dict:
     return {**timing, **extra, "tok_s": n_tokens / timing["median_s"]}
 
 
-def _ours_train(cfg: ModelConfig, B: int, T: int) -> tuple[Callable[[], None], dict]:
+def unfused_causal_lm_loss(model, batch, rng=None):
+    """The plain loss for comparison: whole ``[B, T, V]`` float32 logits, then log-softmax
+    (autodiff feeds the float32 logits cotangent into the head's transposed products)."""
+    tokens = batch["tokens"]
+    nll = -next_token_logprobs(model(tokens), tokens)
+    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32), {}
+
+
+def _train_loss(name: str, chunk_size: int | None = None):
+    if name == "unfused":
+        return unfused_causal_lm_loss
+    if name == "fused":
+        return functools.partial(causal_lm_loss, chunk_size=chunk_size)
+    raise ValueError(f"loss must be 'fused' or 'unfused', got {name!r}")
+
+
+def _ours_train(cfg: ModelConfig, B: int, T: int, loss_fn=causal_lm_loss) -> tuple[Callable[[], None], dict]:
     """One compiled train step as a blocking call, plus its compile time and temp memory."""
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(TrainConfig(steps=1000, lr=1e-4, weight_decay=0.1))
     opt_state = tx.init(params)
-    step = make_train_step(graphdef, causal_lm_loss, tx)
+    step = make_train_step(graphdef, loss_fn, tx)
     batch = {"tokens": jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, B, T)), jnp.int32)}
     key = jax.random.PRNGKey(0)
     state = {"p": params, "o": opt_state}
@@ -85,6 +104,8 @@ def _torch_train(cfg: ModelConfig, B: int, T: int) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=toks, labels=toks).loss
         loss.backward()
+        # the same step as ours: global-norm clipping at 1.0 (TrainConfig's default), then AdamW
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
     return one
@@ -120,10 +141,14 @@ def _torch_decode(hf_model, batch: int, prompt_len: int, new: int, repeats: int)
 
 
 def _mfu(mc: dict) -> dict:
-    cfg = getattr(ModelConfig, mc["model"])(compute_dtype="bfloat16", remat=mc["remat"], scan_unroll=1,
+    """Train-step throughput and MFU of one setting: ``model, batch, seq_len, remat, attn_impl,
+    repeats, warmup`` and optionally ``loss`` ("fused", the default, or "unfused"),
+    ``chunk_size`` and ``scan_unroll``."""
+    cfg = getattr(ModelConfig, mc["model"])(compute_dtype="bfloat16", remat=mc["remat"],
+                                            scan_unroll=mc.get("scan_unroll", 1),
                                             attn_impl=mc["attn_impl"], max_seq_len=mc["seq_len"])
     B, T = mc["batch"], mc["seq_len"]
-    one, info = _ours_train(cfg, B, T)
+    one, info = _ours_train(cfg, B, T, _train_loss(mc.get("loss", "fused"), mc.get("chunk_size")))
     res = _with_tok_s(timeit(one, repeats=mc["repeats"], warmup=mc["warmup"]), B * T, **info)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
@@ -132,6 +157,23 @@ def _mfu(mc: dict) -> dict:
     return {**res, "device_kind": kind, "flops_per_token": flops_tok, "model_tflops": achieved,
             "peak_tflops": peak, "mfu": achieved / peak if peak else None,
             "params": cfg.matmul_params() + cfg.d_model * cfg.vocab_size * (0 if cfg.tie_embeddings else 1)}
+
+
+def _mfu_sweep(base: dict, overrides: list[dict]) -> list[dict]:
+    """:func:`_mfu` of ``base`` updated by each override, one after another in this process; a
+    setting that fails (out of memory, say) is recorded with its error and the sweep goes on."""
+    rows = []
+    for ov in overrides:
+        setting = {**base, **ov}
+        try:
+            r = _mfu(setting)
+        except Exception as e:  # noqa: BLE001 - a failed setting is a result, not a crash
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append({"setting": ov, **r})
+        print(f"mfu {ov}: " + (r["error"] if "error" in r else f"{r['tok_s']:.0f} tok/s, MFU {r['mfu']}"),
+              flush=True)
+        gc.collect()
+    return rows
 
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
@@ -182,5 +224,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         summary.append({"bench": f"MFU {config['mfu']['model']} bf16 {config['mfu']['batch']}x{config['mfu']['seq_len']}",
                         "ours_tok_s": m["tok_s"], "model_tflops": m["model_tflops"], "mfu": m["mfu"],
                         "device": m["device_kind"]})
+        if config.get("mfu_sweep"):
+            details["mfu_sweep"] = _mfu_sweep(config["mfu"], config["mfu_sweep"])
+            for r in details["mfu_sweep"]:
+                summary.append({"bench": "MFU " + " ".join(f"{k}={v}" for k, v in r["setting"].items()),
+                                "ours_tok_s": r.get("tok_s"), "mfu": r.get("mfu"),
+                                "temp_gib": r.get("temp_gib"), "error": r.get("error")})
     return {"summary": summary, "details": details,
             "allocator": os.environ.get("LD_PRELOAD", "") or "glibc"}

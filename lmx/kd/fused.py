@@ -28,6 +28,7 @@ from lmx.kd.atkd import (ATKDConfig, atkd_stats, atkd_term_weights, atkd_token_t
                          check_atkd_extras)
 from lmx.kd.divergences import (Array, KDConfig, _check_float, _check_int, align,
                                 check_reduction, compute_dtype, kd_term_weights, kd_token_terms)
+from lmx.models import from_time_chunks, to_time_chunks
 
 IMPLS = ("custom_vjp", "scan_remat")
 
@@ -86,18 +87,6 @@ def _check_inputs(hs, ws, ht, wt, labels, mask, bs, bt, cfg, shift):
 def _logits(h, w, b, dtype):
     z = jnp.dot(h, w, preferred_element_type=dtype)
     return z if b is None else z + b.astype(dtype)
-
-
-def _chunked(x, b, nc, ct):
-    """``[B, L, ...]`` (L padded to ``nc * ct``) -> ``[nc, B, ct, ...]``."""
-    x = x.reshape(b, nc, ct, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
-def _unchunked(x, length):
-    """``[nc, B, ct, ...]`` -> ``[B, length, ...]``."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
 
 def fused_linear_kd_loss(student_hidden: Array, student_head: Array, teacher_hidden: Array,
@@ -176,8 +165,8 @@ def fused_linear_kd_loss(student_hidden: Array, student_head: Array, teacher_hid
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         m = jnp.pad(m, ((0, 0), (0, pad)))
     dtype = compute_dtype(hs, ws)
-    xs = (_chunked(hs, nb, nc, ct), _chunked(ht, nb, nc, ct), _chunked(targets, nb, nc, ct),
-          _chunked(m, nb, nc, ct))
+    xs = (to_time_chunks(hs, nc, ct), to_time_chunks(ht, nc, ct), to_time_chunks(targets, nc, ct),
+          to_time_chunks(m, nc, ct))
     term_fn = atkd_token_terms if is_atkd else kd_token_terms
     m_flat = m[:, :length].reshape(-1)
     n_scored = jnp.sum(m_flat, dtype=jnp.float32)
@@ -191,13 +180,13 @@ def fused_linear_kd_loss(student_hidden: Array, student_head: Array, teacher_hid
         return kd_term_weights(m_flat, cfg, den, dtype), None, {"n_scored": n_scored}
 
     def to_flat(x):
-        return _unchunked(x, length).reshape(nb * length, *x.shape[3:])
+        return from_time_chunks(x, length).reshape(nb * length, *x.shape[3:])
 
     def to_chunks(x):
         x = x.reshape(nb, length, *x.shape[1:])
         if pad:
             x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        return _chunked(x, nb, nc, ct)
+        return to_time_chunks(x, nc, ct)
 
     if impl == "scan_remat":
         @jax.checkpoint
@@ -267,7 +256,7 @@ def _fused_vjp(term_fn, cfg, dtype, hs, ws, bs, ht, wt, bt, tg_chunks, m_chunks,
         return _forward(hs, ws, bs, ht, wt, bt, tg_chunks, m_chunks, w_chunks)[0]
 
     def _forward(hs, ws, bs, ht, wt, bt, tg_chunks, m_chunks, w_chunks):
-        hs_chunks, ht_chunks = _chunked(hs, nb, nc, ct), _chunked(ht, nb, nc, ct)
+        hs_chunks, ht_chunks = to_time_chunks(hs, nc, ct), to_time_chunks(ht, nc, ct)
         acc = dtype  # d head accumulates in float32 (float64 in tests) whatever the head dtype
 
         def body(carry, x):
@@ -285,7 +274,7 @@ def _fused_vjp(term_fn, cfg, dtype, hs, ws, bs, ht, wt, bt, tg_chunks, m_chunks,
         init = (jnp.zeros((), dtype), jnp.zeros(ws.shape, acc), jnp.zeros(ws.shape[1:], acc))
         (val, g_ws, g_bs), (g_hs, terms) = jax.lax.scan(
             body, init, (hs_chunks, ht_chunks, tg_chunks, m_chunks, w_chunks))
-        g_hs = _unchunked(g_hs, hs.shape[1])
+        g_hs = from_time_chunks(g_hs, hs.shape[1])
         return (val, terms), (g_hs, g_ws, g_bs)
 
     def fwd(hs, ws, bs, ht, wt, bt, tg_chunks, m_chunks, w_chunks):

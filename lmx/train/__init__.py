@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from lmx.models.scoring import next_token_logprobs
+from lmx.models import fused_next_token_nll
 from lmx.parallel import DEFAULT_RULES, shard_batch, single_device_mesh, state_shardings
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -149,22 +149,29 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     return jax.jit(step, donate_argnums=(0, 1) if donate else (), **kwargs)
 
 
-def causal_lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None):
+def causal_lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None, *,
+                   chunk_size: int | None = None):
     """Next-token cross-entropy: ``(sum over scored tokens, n scored, {})`` in float32.
 
     ``batch["tokens"]`` int [B, T]; optional ``batch["mask"]`` [B, T] (True = real token).
-    A target is scored when it and its context token are real.
+    A target is scored when it and its context token are real. The logits are formed chunk by
+    chunk and never held whole (:func:`lmx.models.fused_next_token_nll`; ``chunk_size`` time
+    positions per chunk, bind it with ``functools.partial``).
     """
     del rng
     tokens = batch["tokens"]
     mask = batch.get("mask")
     # no mask means no padding: the model may then use a fused causal kernel (cuDNN on GPU)
-    nll = -next_token_logprobs(model(tokens, attention_mask=mask), tokens)
+    hidden = model.hidden_states(tokens, attention_mask=mask)
     if mask is None:
-        return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32), {}
-    mask = mask.astype(bool)
-    scored = mask[:, 1:] & mask[:, :-1]
-    return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored), {}
+        weights, n = None, jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32)
+    else:
+        mask = jnp.asarray(mask).astype(bool)
+        weights = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)
+        n = jnp.sum(weights)
+    loss_sum, _ = fused_next_token_nll(hidden, model.output_embedding(), tokens, weights,
+                                       chunk_size=chunk_size)
+    return loss_sum, n, {}
 
 
 @dataclasses.dataclass
