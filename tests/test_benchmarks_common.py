@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from benchmarks.common import timeit, timeit_interleaved
@@ -50,3 +51,15 @@ def test_graphs_combined_settings_all_four_or_listed_axes():
     with pytest.raises(ValueError, match="combined setting"):
         _settings({"axes": [], "sparsities": [], "combined": [{"axes": ["tokens"], "s": 0.5}]},
                   first_seed=True)
+
+
+def test_graphs_mutag_cross_validation_folds_partition_the_dataset():
+    from benchmarks.suites.graphs import _dataset
+
+    tests = []
+    for fold in range(5):
+        ds, tr, te, metric = _dataset("mutag", 3, None, fold, 5)
+        assert metric == "accuracy" and not set(tr) & set(te)
+        assert len(tr) + len(te) == len(ds) and len(te) in (37, 38)
+        tests.append(te)
+    assert sorted(np.concatenate(tests).tolist()) == list(range(len(ds)))
