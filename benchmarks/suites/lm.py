@@ -1,8 +1,11 @@
 """LM core: train-step and decode throughput, ours vs transformers/PyTorch in the same run; MFU on GPU.
 
 Train step = forward + backward + global-norm clipping (1.0) + AdamW on SmolLM2-135M shapes with
-random tokens (f32 on CPU), the same work on both sides (torch clipped its gradients only from
-2026-11-26 17:40 on; earlier results had ours clip and torch not); ours and torch are timed in alternating rounds in the same process (``timeit_interleaved``).
+random tokens (f32 on CPU), the same work on both sides (torch clips its gradients from
+2026-11-26 17:40 on; earlier results had ours clip and torch not). Each contender is timed alone
+in a fresh process, the processes alternating over ``train_rounds`` rounds
+(``train_isolation="interleaved"``: both in this process, alternating steps, as measured before
+2026-11-26 18:40).
 Decode = greedy KV-cache generation of ``new_tokens`` after a ``prompt_len`` prompt, forced to
 full length (no stop token), with the SmolLM2-135M-Instruct GGUF weights (random weights if the
 asset is missing; recorded). MFU (GPU preset): model FLOPs 6*N_mm + 6*L*T*H*hd per token
@@ -13,8 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import json
 import os
 import pathlib
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -111,6 +118,44 @@ def _torch_train(cfg: ModelConfig, B: int, T: int) -> Callable[[], None]:
     return one
 
 
+def _train_in_processes(who: list[str], B: int, T: int, config: dict) -> dict[str, dict]:
+    """Train-step timings with each contender alone in a fresh process, ``train_rounds`` rounds
+    of one process per contender in alternation (machine drift hits all alike); per contender the
+    median over all rounds' timed steps.
+
+    Why not one process: with both in it, each one's threads disturb the other's (XLA's thread
+    pool and torch's OpenMP team share the same cores); on the 2-core VM that moved the ratio by
+    up to 20 %, in either direction depending on which model was built first."""
+    code = ("import json, sys; from benchmarks.suites import lm; "
+            "print('@@' + json.dumps(lm._train_alone(*json.loads(sys.argv[1]))))")
+    args = {}
+    for name in who:
+        args[name] = json.dumps([name, B, T, config["train_repeats"], config["train_warmup"]])
+    times: dict[str, list] = {name: [] for name in who}
+    compile_s = []
+    for _ in range(config.get("train_rounds", 1)):
+        for name in who:
+            out = subprocess.run([sys.executable, "-c", code, args[name]], capture_output=True,
+                                 text=True, check=True, env=os.environ.copy()).stdout
+            res = json.loads(out[out.rindex("@@") + 2:])
+            times[name] += res["all_s"]
+            compile_s += [res["compile_s"]] if name == "ours" else []
+    return {name: {"median_s": statistics.median(ts), "all_s": ts, "isolation": "process",
+                   "rounds": config.get("train_rounds", 1), "repeats": config["train_repeats"],
+                   **({"compile_s": statistics.median(compile_s)} if name == "ours" else {})}
+            for name, ts in times.items()}
+
+
+def _train_alone(who: str, B: int, T: int, repeats: int, warmup: int) -> dict:
+    """One contender's train step timed in this process (the worker of :func:`_train_in_processes`)."""
+    cfg = ModelConfig.smollm2_135m(max_seq_len=2048)
+    if who == "ours":
+        one, info = _ours_train(cfg, B, T)
+    else:
+        one, info = _torch_train(cfg, B, T), {}
+    return {**timeit(one, repeats=repeats, warmup=warmup), **info}
+
+
 def _decode_inputs(vocab: int, batch: int, prompt_len: int):
     r = np.random.RandomState(1)
     return [r.randint(100, vocab - 1, prompt_len).tolist() for _ in range(batch)]
@@ -180,13 +225,16 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     summary, details = [], {}
     cfg = ModelConfig.smollm2_135m(max_seq_len=2048)
     for B, T in config.get("train_shapes", []):
-        ours_one, info = _ours_train(cfg, B, T)
-        fns = {"ours": ours_one}
-        if config.get("torch"):
-            fns["torch"] = _torch_train(cfg, B, T)
-        t = timeit_interleaved(fns, repeats=config["train_repeats"], warmup=config["train_warmup"])
-        ours = _with_tok_s(t["ours"], B * T, **info)
-        row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"], "ours_compile_s": ours["compile_s"]}
+        who = ["ours", "torch"] if config.get("torch") else ["ours"]
+        if config.get("train_isolation", "process") == "process":
+            t = _train_in_processes(who, B, T, config)
+        else:
+            fns = {"ours": _ours_train(cfg, B, T)[0]}
+            if config.get("torch"):
+                fns["torch"] = _torch_train(cfg, B, T)
+            t = timeit_interleaved(fns, repeats=config["train_repeats"], warmup=config["train_warmup"])
+        ours = _with_tok_s(t["ours"], B * T)
+        row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"]}
         details[f"train_{B}x{T}_ours"] = ours
         if config.get("torch"):
             ref = _with_tok_s(t["torch"], B * T)

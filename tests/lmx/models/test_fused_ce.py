@@ -130,3 +130,26 @@ def test_bf16_products_all_run_bf16_by_bf16():
     unfused = jax.make_jaxpr(jax.grad(lambda h, w: _unfused(h, w, tok, weights), argnums=(0, 1)))(h, w)
     assert ("float32", "bfloat16") in _dot_operand_dtypes(unfused.jaxpr) or \
         ("bfloat16", "float32") in _dot_operand_dtypes(unfused.jaxpr)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (bf16 + cuDNN attention)")
+def test_gpu_bf16_train_loss_and_grads_match_whole_logits_loss():
+    """The MFU benchmark's setting at 2 layers: Llama-3.2-1B shapes (V = 128256), bf16, cuDNN."""
+    cfg = ModelConfig.llama_1b(n_layers=2, compute_dtype="bfloat16", attn_impl="cudnn",
+                               max_seq_len=1024, scan_unroll=1)
+    gd, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (4, 1024)), jnp.int32)
+
+    def fused(p):
+        loss_sum, n, _ = causal_lm_loss(nnx.merge(gd, p, rest), {"tokens": tokens})
+        return loss_sum / n
+
+    def whole(p):
+        return -next_token_logprobs(nnx.merge(gd, p, rest)(tokens), tokens).mean()
+
+    vf, gf = jax.jit(jax.value_and_grad(fused))(params)
+    vw, gw = jax.jit(jax.value_and_grad(whole))(params)
+    assert abs(float(vf) - float(vw)) <= 1e-4 * abs(float(vw))
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gw)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)
