@@ -63,3 +63,10 @@ def test_graphs_mutag_cross_validation_folds_partition_the_dataset():
         assert len(tr) + len(te) == len(ds) and len(te) in (37, 38)
         tests.append(te)
     assert sorted(np.concatenate(tests).tolist()) == list(range(len(ds)))
+
+
+def test_graphs_cross_validation_only_for_mutag():
+    from benchmarks.suites.graphs import _dataset
+
+    with pytest.raises(ValueError, match="folds"):
+        _dataset("solubility", 0, 50, 0, 5)

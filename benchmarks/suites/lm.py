@@ -118,6 +118,11 @@ def _torch_train(cfg: ModelConfig, B: int, T: int) -> Callable[[], None]:
     return one
 
 
+def _train_config() -> ModelConfig:
+    """The train-step comparison's model: SmolLM2-135M shapes."""
+    return ModelConfig.smollm2_135m(max_seq_len=2048)
+
+
 def _train_in_processes(who: list[str], B: int, T: int, config: dict) -> dict[str, dict]:
     """Train-step timings with each contender alone in a fresh process, ``train_rounds`` rounds
     of one process per contender in alternation (machine drift hits all alike); per contender the
@@ -128,15 +133,14 @@ def _train_in_processes(who: list[str], B: int, T: int, config: dict) -> dict[st
     up to 20 %, in either direction depending on which model was built first."""
     code = ("import json, sys; from benchmarks.suites import lm; "
             "print('@@' + json.dumps(lm._train_alone(*json.loads(sys.argv[1]))))")
-    args = {}
-    for name in who:
-        args[name] = json.dumps([name, B, T, config["train_repeats"], config["train_warmup"]])
+    args = {name: json.dumps([name, B, T, config["train_repeats"], config["train_warmup"]])
+            for name in who}
     times: dict[str, list] = {name: [] for name in who}
     compile_s = []
     for _ in range(config.get("train_rounds", 1)):
         for name in who:
             out = subprocess.run([sys.executable, "-c", code, args[name]], capture_output=True,
-                                 text=True, check=True, env=os.environ.copy()).stdout
+                                 text=True, check=True).stdout
             res = json.loads(out[out.rindex("@@") + 2:])
             times[name] += res["all_s"]
             compile_s += [res["compile_s"]] if name == "ours" else []
@@ -148,7 +152,7 @@ def _train_in_processes(who: list[str], B: int, T: int, config: dict) -> dict[st
 
 def _train_alone(who: str, B: int, T: int, repeats: int, warmup: int) -> dict:
     """One contender's train step timed in this process (the worker of :func:`_train_in_processes`)."""
-    cfg = ModelConfig.smollm2_135m(max_seq_len=2048)
+    cfg = _train_config()
     if who == "ours":
         one, info = _ours_train(cfg, B, T)
     else:
@@ -223,16 +227,18 @@ def _mfu_sweep(base: dict, overrides: list[dict]) -> list[dict]:
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     summary, details = [], {}
-    cfg = ModelConfig.smollm2_135m(max_seq_len=2048)
+    cfg = _train_config()
     for B, T in config.get("train_shapes", []):
         who = ["ours", "torch"] if config.get("torch") else ["ours"]
         if config.get("train_isolation", "process") == "process":
             t = _train_in_processes(who, B, T, config)
         else:
-            fns = {"ours": _ours_train(cfg, B, T)[0]}
+            ours_one, info = _ours_train(cfg, B, T)
+            fns = {"ours": ours_one}
             if config.get("torch"):
                 fns["torch"] = _torch_train(cfg, B, T)
             t = timeit_interleaved(fns, repeats=config["train_repeats"], warmup=config["train_warmup"])
+            t["ours"].update(info)
         ours = _with_tok_s(t["ours"], B * T)
         row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"]}
         details[f"train_{B}x{T}_ours"] = ours

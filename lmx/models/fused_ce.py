@@ -69,6 +69,8 @@ def _check(hidden, head, tokens, weights, chunk_size):
         raise TypeError(f"tokens must be an integer array, got {getattr(tokens, 'dtype', type(tokens))}")
     if tuple(tokens.shape) != (B, T):
         raise ValueError(f"tokens must have shape {(B, T)} (hidden's leading dims), got {tuple(tokens.shape)}")
+    if weights is not None and not hasattr(weights, "shape"):
+        raise TypeError(f"weights must be an array of shape {(B, T - 1)}, got {type(weights).__name__}")
     if weights is not None and tuple(weights.shape) != (B, T - 1):
         raise ValueError(f"weights must have shape {(B, T - 1)} (one per scored next token), "
                          f"got {tuple(weights.shape)}")

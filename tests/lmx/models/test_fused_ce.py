@@ -82,6 +82,8 @@ def test_bad_inputs_raise_naming_the_argument():
         fused_next_token_nll(h, w, tok[:, :-1])
     with pytest.raises(ValueError, match="weights must have shape"):
         fused_next_token_nll(h, w, tok, weights[:, :-1])
+    with pytest.raises(TypeError, match="weights must be an array"):
+        fused_next_token_nll(h, w, tok, weights.tolist())
     with pytest.raises(ValueError, match="chunk_size"):
         fused_next_token_nll(h, w, tok, chunk_size=0)
     with pytest.raises(TypeError, match="hidden must be a float"):
