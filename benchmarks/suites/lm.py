@@ -5,7 +5,9 @@ random tokens (f32 on CPU), the same work on both sides (torch clips its gradien
 2026-11-26 17:40 on; earlier results had ours clip and torch not). Each contender is timed alone
 in a fresh process, the processes alternating over ``train_rounds`` rounds
 (``train_isolation="interleaved"``: both in this process, alternating steps, as measured before
-2026-11-26 18:40).
+2026-11-26 18:40). Ours compiles with the train step's default XLA options (oneDNN matmuls on CPU
+from 2026-11-26 20:30 on; recorded per result); ``train_extra: ["ours_xla_default"]`` adds ours
+with XLA's own defaults as a third contender.
 Decode = greedy KV-cache generation of ``new_tokens`` after a ``prompt_len`` prompt, forced to
 full length (no stop token), with the SmolLM2-135M-Instruct GGUF weights (random weights if the
 asset is missing; recorded). MFU (GPU preset): model FLOPs 6*N_mm + 6*L*T*H*hd per token
@@ -35,6 +37,9 @@ from lmx.models import ModelConfig, Transformer, generate, hf_state_dict, load, 
 from lmx.train import TrainConfig, causal_lm_loss, make_optimizer, make_train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Train-step contenders of ours: the library's default compile (oneDNN matmuls on CPU) and,
+# for comparison, XLA's own defaults (YNNPACK matmuls on CPU).
+TRAIN_OURS = {"ours": None, "ours_xla_default": {}}
 
 
 def _with_tok_s(timing: dict, n_tokens: int, **extra) -> dict:
@@ -58,18 +63,20 @@ def _train_loss(name: str, chunk_size: int | None = None):
     raise ValueError(f"loss must be 'fused' or 'unfused', got {name!r}")
 
 
-def _ours_train(cfg: ModelConfig, B: int, T: int, loss_fn=causal_lm_loss) -> tuple[Callable[[], None], dict]:
-    """One compiled train step as a blocking call, plus its compile time and temp memory."""
+def _ours_train(cfg: ModelConfig, B: int, T: int, loss_fn=causal_lm_loss,
+                compiler_options: dict | None = None) -> tuple[Callable[[], None], dict]:
+    """One compiled train step as a blocking call, plus its compile time, temp memory and the XLA
+    options it was compiled with (``None``: the train step's default, :func:`cpu_compiler_options`)."""
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(TrainConfig(steps=1000, lr=1e-4, weight_decay=0.1))
     opt_state = tx.init(params)
-    step = make_train_step(graphdef, loss_fn, tx)
+    step = make_train_step(graphdef, loss_fn, tx, compiler_options=compiler_options)
     batch = {"tokens": jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, B, T)), jnp.int32)}
     key = jax.random.PRNGKey(0)
     state = {"p": params, "o": opt_state}
     t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, rest, batch, key).compile()
+    compiled = step.compile(params, opt_state, rest, batch, key)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
 
@@ -77,7 +84,8 @@ def _ours_train(cfg: ModelConfig, B: int, T: int, loss_fn=causal_lm_loss) -> tup
         state["p"], state["o"], m = compiled(state["p"], state["o"], rest, batch, key)
         block(m["loss"])
 
-    return one, {"compile_s": compile_s, "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30}
+    return one, {"compile_s": compile_s, "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30,
+                 "compiler_options": step.compiler_options, "onednn_matmuls": "onednn" in compiled.as_text()}
 
 
 def _torch_llama(cfg: ModelConfig, state_dict: dict | None = None):
@@ -136,27 +144,32 @@ def _train_in_processes(who: list[str], B: int, T: int, config: dict) -> dict[st
     args = {name: json.dumps([name, B, T, config["train_repeats"], config["train_warmup"]])
             for name in who}
     times: dict[str, list] = {name: [] for name in who}
-    compile_s = []
+    compile_s: dict[str, list] = {name: [] for name in who}
+    info: dict[str, dict] = {name: {} for name in who}
     for _ in range(config.get("train_rounds", 1)):
         for name in who:
             out = subprocess.run([sys.executable, "-c", code, args[name]], capture_output=True,
                                  text=True, check=True).stdout
             res = json.loads(out[out.rindex("@@") + 2:])
             times[name] += res["all_s"]
-            compile_s += [res["compile_s"]] if name == "ours" else []
+            compile_s[name] += [res["compile_s"]] if "compile_s" in res else []
+            info[name].update({k: res[k] for k in ("compiler_options", "onednn_matmuls", "temp_gib") if k in res})
     return {name: {"median_s": statistics.median(ts), "all_s": ts, "isolation": "process",
                    "rounds": config.get("train_rounds", 1), "repeats": config["train_repeats"],
-                   **({"compile_s": statistics.median(compile_s)} if name == "ours" else {})}
+                   **({"compile_s": statistics.median(compile_s[name])} if compile_s[name] else {}),
+                   **info[name]}
             for name, ts in times.items()}
 
 
 def _train_alone(who: str, B: int, T: int, repeats: int, warmup: int) -> dict:
     """One contender's train step timed in this process (the worker of :func:`_train_in_processes`)."""
     cfg = _train_config()
-    if who == "ours":
-        one, info = _ours_train(cfg, B, T)
-    else:
+    if who in TRAIN_OURS:
+        one, info = _ours_train(cfg, B, T, compiler_options=TRAIN_OURS[who])
+    elif who == "torch":
         one, info = _torch_train(cfg, B, T), {}
+    else:
+        raise ValueError(f"train contender must be one of {[*TRAIN_OURS, 'torch']}, got {who!r}")
     return {**timeit(one, repeats=repeats, warmup=warmup), **info}
 
 
@@ -230,15 +243,19 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     cfg = _train_config()
     for B, T in config.get("train_shapes", []):
         who = ["ours", "torch"] if config.get("torch") else ["ours"]
+        who += [w for w in config.get("train_extra", []) if w not in who]
         if config.get("train_isolation", "process") == "process":
             t = _train_in_processes(who, B, T, config)
         else:
-            ours_one, info = _ours_train(cfg, B, T)
-            fns = {"ours": ours_one}
-            if config.get("torch"):
-                fns["torch"] = _torch_train(cfg, B, T)
+            fns, infos = {}, {}
+            for name in who:
+                if name == "torch":
+                    fns[name] = _torch_train(cfg, B, T)
+                else:
+                    fns[name], infos[name] = _ours_train(cfg, B, T, compiler_options=TRAIN_OURS[name])
             t = timeit_interleaved(fns, repeats=config["train_repeats"], warmup=config["train_warmup"])
-            t["ours"].update(info)
+            for name, info in infos.items():
+                t[name].update(info)
         ours = _with_tok_s(t["ours"], B * T)
         row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"]}
         details[f"train_{B}x{T}_ours"] = ours
@@ -246,6 +263,12 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             ref = _with_tok_s(t["torch"], B * T)
             details[f"train_{B}x{T}_torch"] = ref
             row.update(torch_tok_s=ref["tok_s"], ratio=ours["tok_s"] / ref["tok_s"])
+        if "ours_xla_default" in t:
+            xla = _with_tok_s(t["ours_xla_default"], B * T)
+            details[f"train_{B}x{T}_ours_xla_default"] = xla
+            row["ours_xla_default_tok_s"] = xla["tok_s"]
+            if config.get("torch"):
+                row["ratio_xla_default"] = xla["tok_s"] / row["torch_tok_s"]
         summary.append(row)
 
     if config.get("decode_batches"):

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lmx.models import fused_next_token_nll
-from lmx.parallel import DEFAULT_RULES, shard_batch, single_device_mesh, state_shardings
+from lmx.parallel import DEFAULT_RULES, TunedJit, shard_batch, single_device_mesh, state_shardings
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, jax.Array, dict]]
 
@@ -128,9 +128,14 @@ def accumulate_grads(graphdef, rest, loss_fn: LossFn, params, batch, rng):
 
 
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                    param_shardings=None, opt_shardings=None, rest_shardings=None, donate: bool = True):
+                    param_shardings=None, opt_shardings=None, rest_shardings=None, donate: bool = True,
+                    compiler_options: dict | None = None):
     """``step(params, opt_state, rest, batch[accum, micro, ...], rng) -> (params, opt_state, metrics)``,
     compiled with ``jax.jit`` in/out shardings (pjit semantics) and donated params/opt_state.
+
+    Compiled through :class:`lmx.parallel.TunedJit`: ``compiler_options=None`` takes
+    :func:`lmx.parallel.cpu_compiler_options` (oneDNN matmuls on CPU where the program allows it,
+    nothing elsewhere), ``{}`` XLA's defaults. ``step.compile(*args)`` gives the compiled program.
 
     ``rest`` is the model's non-``Param`` state (frozen buffers, a teacher's arrays, ...). It is
     an argument rather than a closure so it is never baked into the program as a constant.
@@ -146,7 +151,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     if param_shardings is not None:
         kwargs = dict(in_shardings=(param_shardings, opt_shardings, rest_shardings, None, None),
                       out_shardings=(param_shardings, opt_shardings, None))
-    return jax.jit(step, donate_argnums=(0, 1) if donate else (), **kwargs)
+    return TunedJit(step, compiler_options=compiler_options, donate_argnums=(0, 1) if donate else (), **kwargs)
 
 
 def causal_lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None, *,

@@ -6,8 +6,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lmx.models import ModelConfig, Transformer
-from lmx.parallel import (batch_sharding, logical_to_spec, make_mesh, shard_batch, shard_model,
-                          single_device_mesh, state_shardings)
+from lmx.parallel import (batch_sharding, cpu_compiler_options, logical_to_spec, make_mesh, shard_batch,
+                          shard_model, single_device_mesh, state_shardings)
 from lmx.train import accumulate_grads, causal_lm_loss
 
 
@@ -54,7 +54,8 @@ def test_sharded_step_equals_single_device_step():
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             sh = state_shardings(params, mesh)
             fn = jax.jit(lambda p, b: accumulate_grads(graphdef, rest, causal_lm_loss, p, b, jax.random.PRNGKey(0))[:3],
-                         in_shardings=(sh, batch_sharding(mesh, 3, batch_axis=1)))
+                         in_shardings=(sh, batch_sharding(mesh, 3, batch_axis=1)),
+                         compiler_options=cpu_compiler_options() or None)  # as the train step compiles
             loss, grads, n = fn(params, shard_batch(batch, mesh, batch_axis=1))
             results.append((float(loss), jax.tree.map(np.asarray, grads), float(n)))
     (l1, g1, n1), (l8, g8, n8) = results
@@ -63,3 +64,4 @@ def test_sharded_step_equals_single_device_step():
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), g1, g8))
     assert max(diffs) <= 1e-5
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 1e-3  # gradients are not trivially 0
+
