@@ -70,3 +70,10 @@ def test_graphs_cross_validation_only_for_mutag():
 
     with pytest.raises(ValueError, match="folds"):
         _dataset("solubility", 0, 50, 0, 5)
+
+
+def test_lm_unknown_train_contender_raises_before_any_training(tmp_path):
+    from benchmarks.suites import lm
+    with pytest.raises(ValueError, match="train_extra"):
+        lm.run({"train_shapes": [[1, 4]], "train_extra": ["ours_fast"], "train_repeats": 1,
+                "train_warmup": 0}, tmp_path)

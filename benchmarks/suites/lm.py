@@ -161,15 +161,16 @@ def _train_in_processes(who: list[str], B: int, T: int, config: dict) -> dict[st
             for name, ts in times.items()}
 
 
+def _train_contender(who: str, cfg: ModelConfig, B: int, T: int) -> tuple[Callable[[], None], dict]:
+    """A contender's train step as a blocking call, plus what it records (compile info for ours)."""
+    if who == "torch":
+        return _torch_train(cfg, B, T), {}
+    return _ours_train(cfg, B, T, compiler_options=TRAIN_OURS[who])
+
+
 def _train_alone(who: str, B: int, T: int, repeats: int, warmup: int) -> dict:
     """One contender's train step timed in this process (the worker of :func:`_train_in_processes`)."""
-    cfg = _train_config()
-    if who in TRAIN_OURS:
-        one, info = _ours_train(cfg, B, T, compiler_options=TRAIN_OURS[who])
-    elif who == "torch":
-        one, info = _torch_train(cfg, B, T), {}
-    else:
-        raise ValueError(f"train contender must be one of {[*TRAIN_OURS, 'torch']}, got {who!r}")
+    one, info = _train_contender(who, _train_config(), B, T)
     return {**timeit(one, repeats=repeats, warmup=warmup), **info}
 
 
@@ -241,20 +242,19 @@ def _mfu_sweep(base: dict, overrides: list[dict]) -> list[dict]:
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     summary, details = [], {}
     cfg = _train_config()
+    who = ["ours", "torch"] if config.get("torch") else ["ours"]
+    unknown = [w for w in config.get("train_extra", []) if w not in TRAIN_OURS]
+    if unknown:
+        raise ValueError(f"train_extra may name {list(TRAIN_OURS)}, got {unknown}")
+    who += [w for w in config.get("train_extra", []) if w not in who]
     for B, T in config.get("train_shapes", []):
-        who = ["ours", "torch"] if config.get("torch") else ["ours"]
-        who += [w for w in config.get("train_extra", []) if w not in who]
         if config.get("train_isolation", "process") == "process":
             t = _train_in_processes(who, B, T, config)
         else:
-            fns, infos = {}, {}
-            for name in who:
-                if name == "torch":
-                    fns[name] = _torch_train(cfg, B, T)
-                else:
-                    fns[name], infos[name] = _ours_train(cfg, B, T, compiler_options=TRAIN_OURS[name])
-            t = timeit_interleaved(fns, repeats=config["train_repeats"], warmup=config["train_warmup"])
-            for name, info in infos.items():
+            built = {name: _train_contender(name, cfg, B, T) for name in who}
+            t = timeit_interleaved({name: one for name, (one, _) in built.items()},
+                                   repeats=config["train_repeats"], warmup=config["train_warmup"])
+            for name, (_, info) in built.items():
                 t[name].update(info)
         ours = _with_tok_s(t["ours"], B * T)
         row = {"bench": f"train step {B}x{T}", "ours_tok_s": ours["tok_s"]}
