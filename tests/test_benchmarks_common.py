@@ -31,9 +31,26 @@ def test_plots_are_moved_and_tagged_per_preset(tmp_path):
     p = work / "graphs_tradeoff.png"
     p.write_bytes(b"png")
     new = tag_with_preset(str(p), "graphs", "cpu_long", tmp_path)
-    assert new == str(tmp_path / "graphs_cpu_long_tradeoff.png") and not p.exists()
-    assert (tmp_path / "graphs_cpu_long_tradeoff.png").read_bytes() == b"png"
-    assert tag_with_preset(new, "graphs", "cpu_long", tmp_path) == new
+    assert new == "graphs_cpu_long_tradeoff.png" and not p.exists()
+    assert (tmp_path / new).read_bytes() == b"png"
+    assert tag_with_preset(str(tmp_path / new), "graphs", "cpu_long", tmp_path) == new
+
+
+def test_result_files_record_repo_relative_paths_and_the_allocator(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks.common import REPO_ROOT, write_result
+
+    monkeypatch.setenv("LD_PRELOAD", "/some/lib/libjemalloc.so.2")
+    result = {"summary": [{"a": 1}], "data": REPO_ROOT / "configs" / "bench" / "gp.json"}
+    path = write_result("demo", "quick", {}, result, 1.0, tmp_path)
+    record = json.loads(path.read_text())
+    assert record["data"] == "configs/bench/gp.json"
+    assert record["machine"]["allocator"] == "jemalloc"
+    assert str(REPO_ROOT) not in path.read_text()
+    monkeypatch.delenv("LD_PRELOAD")
+    record = json.loads(write_result("demo", "quick", {}, result, 1.0, tmp_path).read_text())
+    assert record["machine"]["allocator"] == "system malloc"
 
 
 def test_graphs_combined_settings_all_four_or_listed_axes():

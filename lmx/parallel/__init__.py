@@ -119,23 +119,32 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] = DEFAUL
     return model
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Shard dimension ``batch_axis`` over the data-parallel axes (``data`` x ``fsdp``)."""
-    spec = [None] * ndim
-    spec[batch_axis] = BATCH_AXES
+def _batch_axes(rules: Mapping[str, Any]) -> tuple[str, ...]:
+    axes = rules.get("batch")
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0,
+                   rules: Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
+    """Shard dimension ``batch_axis`` over the mesh axes of the logical ``"batch"`` rule
+    (``data`` x ``fsdp`` by default)."""
+    spec: list[Any] = [None] * ndim
+    spec[batch_axis] = _batch_axes(rules)
     return NamedSharding(mesh, P(*spec))
 
 
-def shard_batch(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
-    """``device_put`` every array of ``batch`` sharded on ``batch_axis``; sizes must divide."""
-    n = _axis_size(mesh, BATCH_AXES)
+def shard_batch(batch: Any, mesh: Mesh, batch_axis: int = 0,
+                rules: Mapping[str, Any] = DEFAULT_RULES) -> Any:
+    """``device_put`` every array of ``batch`` sharded on ``batch_axis`` per the ``"batch"`` rule;
+    sizes must divide (``ValueError`` naming the shape otherwise)."""
+    n = _axis_size(mesh, _batch_axes(rules))
 
     def put(x):
         x = np.asarray(x)
         if x.ndim <= batch_axis or x.shape[batch_axis] % n:
             raise ValueError(f"batch array of shape {x.shape} cannot be split {n} ways along axis "
-                             f"{batch_axis} (data*fsdp = {n})")
-        return jax.device_put(x, batch_sharding(mesh, x.ndim, batch_axis))
+                             f"{batch_axis} (mesh axes {_batch_axes(rules)} of size {n})")
+        return jax.device_put(x, batch_sharding(mesh, x.ndim, batch_axis, rules))
     return jax.tree.map(put, batch)
 
 

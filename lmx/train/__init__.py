@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import time
 from typing import Any, Callable, Literal
@@ -36,6 +37,8 @@ from tqdm.auto import tqdm
 
 from lmx.models import fused_next_token_nll
 from lmx.parallel import DEFAULT_RULES, TunedJit, shard_batch, single_device_mesh, state_shardings
+
+logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, jax.Array, dict]]
 
@@ -247,10 +250,11 @@ def train(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Any], c
             meta=ocp.args.JsonRestore()))
         params, opt_state = restored["params"], restored["opt_state"]
         start, losses = int(restored["meta"]["step"]), list(restored["meta"]["losses"])
+        logger.info("resumed from the checkpoint of step %d in %s", start, cfg.ckpt_dir)
 
     step_fn = make_train_step(graphdef, loss_fn, tx, param_shardings=param_sh, opt_shardings=opt_sh,
                               rest_shardings=rest_sh, donate=cfg.donate)
-    log = open(cfg.log_path, "a") if cfg.log_path else None
+    log_file = open(cfg.log_path, "a") if cfg.log_path else None
     end = cfg.steps if cfg.halt_after is None else min(cfg.steps, start + cfg.halt_after)
     schedule = make_schedule(cfg)
     base_key = jax.random.PRNGKey(cfg.seed)
@@ -266,11 +270,12 @@ def train(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Any], c
             history.append(row)
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"non-finite loss {row['loss']} at step {s + 1}")
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+            if log_file:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
         if pending:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            logger.debug("step %d: loss %.4f", history[-1]["step"], losses[-1])
         pending.clear()
 
     try:
@@ -286,11 +291,12 @@ def train(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Any], c
                 manager.save(step + 1, args=ocp.args.Composite(
                     params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                     meta=ocp.args.JsonSave({"step": step + 1, "losses": losses})))
+                logger.info("checkpoint of step %d written to %s", step + 1, cfg.ckpt_dir)
         flush()
     finally:
         bar.close()
-        if log:
-            log.close()
+        if log_file:
+            log_file.close()
         if manager is not None:
             manager.wait_until_finished()
             manager.close()

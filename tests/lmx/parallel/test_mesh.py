@@ -31,6 +31,17 @@ def test_logical_rules_and_indivisible_dims_stay_replicated():
         logical_to_spec(("embed",), (2, 3), mesh)
 
 
+def test_batch_placement_follows_the_batch_rule():
+    mesh = make_mesh(2, 2, 2)
+    assert batch_sharding(mesh, 2).spec == P(("data", "fsdp"), None)
+    data_only = {"batch": "data"}
+    assert batch_sharding(mesh, 3, batch_axis=1, rules=data_only).spec == P(None, "data", None)
+    placed = shard_batch({"tokens": np.zeros((2, 4), np.int32)}, mesh, rules=data_only)
+    assert placed["tokens"].sharding.spec == P("data", None)
+    with pytest.raises(ValueError, match="cannot be split 2 ways"):
+        shard_batch({"tokens": np.zeros((3, 4), np.int32)}, mesh, rules=data_only)
+
+
 def test_shard_model_places_params_by_logical_axes():
     mesh = make_mesh(2, 2, 2)
     model = shard_model(Transformer(ModelConfig.tiny_llama(vocab_size=128), rngs=nnx.Rngs(0)), mesh)
