@@ -15,7 +15,9 @@ theta = theta_0 + delta.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
+import math
 import zlib
 from typing import Any, Callable, Literal, Protocol, Sequence
 
@@ -255,6 +257,23 @@ def _keep_fraction(k: float) -> float:
     return frac
 
 
+def exact_keep_count(d: int, k: float) -> int:
+    """floor(k d) for a keep fraction ``k`` (or percent ``k`` > 1) computed exactly.
+
+    ``k`` is read as the decimal it was written as (its shortest ``repr``: 0.29 is 29/100, not
+    the binary double just below it), so floor(0.29 * 100) = 29 where the float product
+    ``0.29 * 100 = 28.999999999999996`` truncates to 28. Raises ValueError for ``k`` outside
+    [0, 1] (or (1, 100] as percent) and TypeError for a non-numeric ``k``.
+    """
+    if not isinstance(k, (int, float, np.integer, np.floating)) or isinstance(k, bool):
+        raise TypeError(f"k: expected a number, got {type(k).__name__}")
+    _keep_fraction(float(k))
+    frac = fractions.Fraction(repr(float(k)))
+    if frac > 1:
+        frac /= 100
+    return int(math.floor(frac * int(d)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Ties:
     """TIES-Merging (Yadav et al. 2023, sec. 3; spec 2) with the reference's rules.
@@ -290,8 +309,11 @@ class Ties:
                 raise ValueError(f"{field}: expected one of {allowed}, got {value!r}")
 
     def _n_keep(self, d: int) -> int:
-        n = int(d * _keep_fraction(self.k)) + (1 if self.topk == "reference" else 0)
-        return min(n, d)
+        if self.topk == "reference":
+            # The reference's own count, float rounding included (``int(d * K)`` on a float K),
+            # so that this mode selects exactly the reference's entries.
+            return min(int(d * _keep_fraction(self.k)) + 1, d)
+        return min(exact_keep_count(d, self.k), d)
 
     def thresholds(self, src: LeafSource, names: Sequence[str], tau_of=None) -> jax.Array:
         """Per-task trim thresholds over ``names`` (exact order statistic, at most two passes).

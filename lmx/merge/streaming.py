@@ -159,7 +159,9 @@ class SafetensorsWriter:
         if self._next >= len(self.specs):
             raise ValueError(f"tensor {name!r}: all {len(self.specs)} tensors already written")
         want, dtype, shape = self.specs[self._next]
-        arr = np.ascontiguousarray(array)
+        # np.asarray(order="C") rather than np.ascontiguousarray, which promotes a 0-d tensor
+        # (e.g. CLIP's logit_scale) to shape (1,).
+        arr = np.asarray(array, order="C")
         total = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         fits = arr.shape == shape or (arr.ndim == len(shape) and arr.ndim > 0
                                       and arr.shape[1:] == shape[1:])

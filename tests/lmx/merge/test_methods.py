@@ -199,3 +199,30 @@ def test_property_ties_support_and_signs(shapes, seed, k, merge):
         assert np.all(o[~union] == 0)  # support within the union of trimmed supports
         s = np.sign(trimmed.sum(0))
         assert np.all((o * s)[s != 0] >= 0)  # every kept entry has the elected sign
+
+
+@pytest.mark.parametrize("d", [7, 10, 100, 1000, 4096])
+def test_exact_topk_keeps_exactly_floor_k_d(d):
+    # int(0.29 * 100) = 28 in floating point; the exact count must be floor(29/100 * 100) = 29.
+    from fractions import Fraction
+
+    tau = np.random.default_rng(d).permutation(np.arange(1, d + 1)).astype(np.float32)
+    base = {"w": jnp.zeros(d)}
+    for i in range(1, 100):
+        k = i / 100
+        want = (Fraction(i, 100) * d).numerator // (Fraction(i, 100) * d).denominator
+        assert M.exact_keep_count(d, k) == want, (d, k)
+        if i > 1:
+            assert M.exact_keep_count(d, i) == want, (d, i)  # the same k given in percent
+        out = M.ties_merging(base, [{"w": jnp.asarray(tau)}], k=k, lam=1.0, topk="exact",
+                             scope="per_leaf")
+        assert int(np.count_nonzero(np.asarray(out["w"]))) == want, (d, k)
+
+
+def test_exact_keep_count_percent_and_bad_input():
+    assert M.exact_keep_count(100, 0.29) == 29 and M.exact_keep_count(100, 57) == 57
+    assert M.exact_keep_count(100, 0.57) == 57 and M.exact_keep_count(3, 1.0) == 3
+    with pytest.raises(ValueError, match="k"):
+        M.exact_keep_count(10, 101)
+    with pytest.raises(TypeError, match="k"):
+        M.exact_keep_count(10, "0.2")

@@ -151,3 +151,31 @@ def test_shipped_configs_validate():
     for p in cfgs:
         cfg = runner.validate_config(json.loads(p.read_text()))
         assert runner.build_method(cfg["method"]) is not None
+
+
+def test_zero_d_tensor_round_trips_and_stream_merges(tmp_path):
+    # CLIP checkpoints hold a 0-d logit_scale; np.ascontiguousarray used to turn it into (1,).
+    S.save_safetensors({"logit_scale": np.asarray(4.6, np.float32)}, tmp_path / "s.safetensors")
+    back = S.load_safetensors(tmp_path / "s.safetensors")
+    assert back["logit_scale"].shape == () and back["logit_scale"] == np.float32(4.6)
+    r = np.random.default_rng(0)
+    make = lambda s: {"logit_scale": np.asarray(s, np.float32),
+                      "w": r.normal(size=(3, 2)).astype(np.float32)}
+    base, fts = make(4.6), [make(4.0), make(5.0)]
+    S.save_safetensors(base, tmp_path / "base.safetensors")
+    paths = []
+    for i, f in enumerate(fts):
+        paths.append(tmp_path / f"ft{i}.safetensors")
+        S.save_safetensors(f, paths[-1])
+    for method in (M.TaskArithmetic(0.5), M.Ties(k=0.5, lam=1.0), M.Dare(p=0.3), M.Average()):
+        S.stream_merge(method, tmp_path / "base.safetensors", paths, tmp_path / "out",
+                       progress=False, chunk_elems=2)
+        out = S.load_safetensors(tmp_path / "out")
+        mem = (M.merge_tree(method, base, finetuned=fts) if isinstance(method, M.Average)
+               else M.merge_tree(method, base, LM.task_vectors(base, fts)))
+        assert out["logit_scale"].shape == ()
+        assert out["logit_scale"].tobytes() == np.asarray(mem["logit_scale"]).tobytes()
+    # task arithmetic on the scalar: 4.6 + 0.5 * ((4.0 - 4.6) + (5.0 - 4.6))
+    S.stream_merge(M.TaskArithmetic(0.5), tmp_path / "base.safetensors", paths, tmp_path / "ta",
+                   progress=False)
+    np.testing.assert_allclose(S.load_safetensors(tmp_path / "ta")["logit_scale"], 4.5, rtol=1e-6)
