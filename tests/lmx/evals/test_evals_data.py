@@ -1,7 +1,8 @@
-"""Loaders for the OOP benchmark and HumanEval, and the completion sanitizer (spec C.2, C.8)."""
+"""Loaders for the OOP benchmark and HumanEval, and the completion sanitizer (arXiv:2401.06628 data)."""
 import gzip
+import hashlib
 import json
-import shutil
+import pathlib
 
 import pytest
 
@@ -9,11 +10,24 @@ from lmx.evals import extract_code, load_humaneval, load_oop, parse_keywords
 from lmx.evals.data import OOP_SPLITS, default_oop_dir
 
 OOP_DIR = default_oop_dir()
-needs_oop = pytest.mark.skipif(not (OOP_DIR / "oop_data_all.jsonl").exists(),
-                               reason=f"OOP data not found at {OOP_DIR}")
 
 
-@needs_oop
+def test_data_ship_inside_the_package_with_licence():
+    import lmx.evals
+
+    pkg = pathlib.Path(lmx.evals.__file__).resolve().parent
+    assert OOP_DIR.resolve() == pkg / "data"
+    names = sorted(p.name for p in OOP_DIR.glob("*.jsonl.gz"))
+    assert names == sorted(f + ".gz" for f in OOP_SPLITS.values())
+    notice = (OOP_DIR / "README.md").read_text()
+    assert "MIT" in notice and "arXiv:2401.06628" in notice and "36e099d1f21c" in notice
+    # Verbatim upstream bytes: the checksum in the notice matches the decompressed file.
+    digest = hashlib.sha256(gzip.decompress((OOP_DIR / "oop_data_simple.jsonl.gz")
+                                            .read_bytes())).hexdigest()
+    assert digest == "55d8fff89f8ea51955ee74ac6178e9d75a32235d0b9738331968f3789c115847"
+    assert digest in notice
+
+
 def test_full_directory_counts_levels_and_unique_ids():
     probs = load_oop(OOP_DIR)
     assert len(probs) == 431
@@ -26,29 +40,40 @@ def test_full_directory_counts_levels_and_unique_ids():
     assert load_oop(split="moderate")[0].level == "moderate"  # default path resolves
 
 
-@needs_oop
 def test_split_file_duplicate_id_is_renamed_with_warning():
     with pytest.warns(UserWarning, match="OOP/171"):
-        probs = load_oop(OOP_DIR / OOP_SPLITS["difficult"])
+        probs = load_oop(OOP_DIR / (OOP_SPLITS["difficult"] + ".gz"))
     ids = [p.task_id for p in probs]
     assert len(ids) == 175 and len(set(ids)) == 175 and "OOP/171#2" in ids
     assert all(p.level == "difficult" for p in probs)
 
 
-@needs_oop
 def test_any_path_gz_and_bad_records(tmp_path):
-    src = OOP_DIR / OOP_SPLITS["simple"]
-    gz = tmp_path / "mine.jsonl.gz"
-    with open(src, "rb") as f, gzip.open(gz, "wb") as g:
-        shutil.copyfileobj(f, g)
-    probs = load_oop(gz)
+    text = gzip.decompress((OOP_DIR / (OOP_SPLITS["simple"] + ".gz")).read_bytes()).decode()
+    plain = tmp_path / "mine.jsonl"
+    plain.write_text(text)
+    probs = load_oop(plain)
     assert len(probs) == 77 and probs[0].level is None
+    # A directory of uncompressed upstream files works as well as the shipped .gz files.
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / OOP_SPLITS["all"]).write_bytes(
+        gzip.decompress((OOP_DIR / (OOP_SPLITS["all"] + ".gz")).read_bytes()))
+    assert len(load_oop(tmp_path / "dir")) == 431
     bad = tmp_path / "bad.jsonl"
-    rec = json.loads(src.read_text().splitlines()[0])
+    rec = json.loads(text.splitlines()[0])
     del rec["test_list"]
     bad.write_text(json.dumps(rec) + "\n")
     with pytest.raises(ValueError, match="test_list"):
         load_oop(bad)
+    # A malformed line names the file and its line number (blank lines count).
+    lines = text.splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines[:2] + [""] + [lines[2][:-5]]) + "\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:4: not valid JSON"):
+        load_oop(broken)
+    broken.write_text(lines[0] + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: expected a JSON object"):
+        load_oop(broken)
     with pytest.raises(FileNotFoundError):
         load_oop(tmp_path / "missing")
     with pytest.raises(ValueError, match="split"):

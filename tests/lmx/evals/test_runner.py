@@ -16,8 +16,6 @@ from lmx.evals.data import default_oop_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 OOP_DIR = default_oop_dir()
-needs_oop = pytest.mark.skipif(not (OOP_DIR / "oop_data_all.jsonl").exists(),
-                               reason=f"OOP data not found at {OOP_DIR}")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +81,6 @@ class FTM:
 ```'''
 
 
-@needs_oop
 def test_oop_pipeline_with_a_callable_backend(sandbox, tmp_path):
     probs = load_oop(OOP_DIR, split="simple")[:3]  # OOP/0 WDS, OOP/... FTM among the first
     by_q = {p.task_id: p for p in probs}
@@ -161,9 +158,24 @@ def test_evaluate_input_checks(tmp_path):
     with pytest.raises(ValueError, match="no samples"):
         evaluate(probs, [])
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"task_id": "T/0"}) + "\n")
-    with pytest.raises(ValueError, match="completion"):
+    ok = json.dumps({"task_id": "T/0", "completion": "    return 1\n"})
+    bad.write_text(ok + "\n" + json.dumps({"task_id": "T/0"}) + "\n")
+    with pytest.raises(TypeError, match=r"bad\.jsonl:2: completion of sample 1 of task 'T/0'"):
         read_samples(bad)
+    bad.write_text(ok + "\n\n" + ok[:-3] + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+        read_samples(bad)
+    bad.write_text(json.dumps({"task_id": "T/0", "completion": ["x"], "sample_idx": 4}) + "\n")
+    with pytest.raises(TypeError, match="sample 4 of task 'T/0' must be str, got list"):
+        read_samples(bad)
+    with pytest.raises(TypeError, match="completion of sample 0 of task 'T/0' must be str"):
+        evaluate(probs, [{"task_id": "T/0", "completion": None}])
+    # A results file with a malformed line names the file and line.
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"key": "T/0#0", "passed": True}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"results\.jsonl:2: not valid JSON"):
+        evaluate(probs, [{"task_id": "T/0", "completion": "    return 1\n"}],
+                 results_path=results)
 
 
 RESUME_SCRIPT = textwrap.dedent('''
