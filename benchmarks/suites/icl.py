@@ -1,4 +1,5 @@
-"""ICL demonstration selection on MR sentences (spec ``icl_pomp.md`` A, issue 8).
+"""ICL demonstration selection on MR sentences: TopK+ConE (Peng et al. 2024, arXiv:2401.12087)
+against the OpenICL baselines (zero-shot, Random, TopK, TopK+MDL).
 
 Rows:
 * ``encoder``: sentence embeddings/s, ours (JAX MiniLM, length-bucketed) vs sentence-transformers

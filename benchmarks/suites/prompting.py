@@ -1,4 +1,5 @@
-"""Benchmark ``prompting``: IAPrompt, POMP and WisdoM on offline data (issue 9).
+"""Benchmark ``prompting``: IAPrompt (arXiv:2401.06561), POMP (arXiv:2401.05596) and WisdoM
+(arXiv:2401.06659) on offline data.
 
 * IAPrompt: leak rate / helpfulness on the secret-keeping task with and without the defence,
   SmolLM2-135M-Instruct (greedy), batched through :class:`lmx.backends.LocalBackend`.

@@ -1,7 +1,8 @@
 """In-context demonstration selection (TopK, MDL, ConE) and ICL inference.
 
-Spec: ``/work/shared/specs/icl_pomp.md`` part A. Paper: Peng et al., "Revisiting Demonstration
-Selection Strategies in In-Context Learning", ACL 2024 (TopK+ConE). Guide: ``docs/icl.md``.
+Paper: Peng et al., "Revisiting Demonstration Selection Strategies in In-Context Learning",
+ACL 2024, arXiv:2401.12087 (TopK+ConE, Sec. 3). Baselines follow OpenICL (Wu et al. 2023a,
+arXiv:2303.02913). Guide: ``docs/icl.md``.
 """
 from lmx.icl.cone import cone_rerank, cone_scores, cone_sequence
 from lmx.icl.encoder import BertConfig, BertModel, SentenceEncoder, load_minilm, minilm_path

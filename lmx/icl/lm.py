@@ -4,7 +4,8 @@ Everything in ``lmx.icl`` that needs a language model goes through :class:`Scori
 
 * ``logprob_fn(tokens int32 [B,T], mask bool [B,T]) -> float32 [B,T-1]`` with
   ``lp[b,t] = log p(tokens[b,t+1] | tokens[b,:t+1])`` and 0 where the target is padding
-  (the contract of ``lmx.models.token_logprobs``; spec A7 "LM interface"). Rows are right-padded.
+  (the contract of ``lmx.models.token_logprobs``, so any JAX causal LM plugs in). Rows are
+  right-padded.
 * ``encode(text) -> list[int]``: tokenisation *without* special tokens; ``prefix_ids`` are the
   special tokens the tokenizer puts in front of a sequence (Llama's BOS; none for SmolLM2).
 * optional ``next_logprob_fn(tokens, mask, next_ids int32 [C]) -> (lp [B,T-1], next_lp [B,C])``:

@@ -1,5 +1,6 @@
 """TopK+MDL demonstration selection as OpenICL's ``MDLRetriever`` runs it (Wu et al. 2023b,
-"Self-adaptive In-context Learning"; spec ``icl_pomp.md`` A6).
+"Self-adaptive In-context Learning", ACL 2023, arXiv:2212.10375; the TopK+MDL baseline of
+Peng et al. 2024, arXiv:2401.12087, Sec. 4).
 
 For each test input x with K TopK candidates (most similar first):
 
@@ -11,7 +12,7 @@ For each test input x with K TopK candidates (most similar first):
    under the "minimum description length" view).
 4. Choose the set with the lowest H (ties -> lower set index, i.e. set 0 first).
 
-Deviation [LMX]: the demonstration block is counted with the inference LM's tokenizer (the
+Deviation (ours): the demonstration block is counted with the inference LM's tokenizer (the
 tokens are segments of the same sequence), whereas OpenICL counts it with the retriever's
 tokenizer; see docs/icl.md.
 """

@@ -1,7 +1,8 @@
 """Exact cosine top-K over a demonstration pool: chunked, with a running top-k merge, sharded.
 
-Spec ``icl_pomp.md`` A7 (``topk``) and A2.1 (TopK stage of ConE, FAISS ``IndexFlatIP`` on
-L2-normalised embeddings). For queries q_i and pool rows p_j (both L2-normalised),
+This is the TopK stage of TopK+ConE (Liu et al. 2022; Peng et al. 2024, arXiv:2401.12087, Sec. 3),
+which the official code runs as a FAISS ``IndexFlatIP`` search on L2-normalised embeddings, i.e.
+exact cosine similarity. For queries q_i and pool rows p_j (both L2-normalised),
 
     s_ij = <q_i, p_j> = cos(q_i, p_j),      topk_i = the k largest s_ij, ties -> lower j.
 

@@ -1,13 +1,14 @@
 """Demonstration retrievers: Random, TopK, TopK+MDL, ConE (TopK+ConE default, Random+ConE).
 
-All retrievers return, per test input, N pool indices in prompt order (spec A6: OpenICL's
+All retrievers return, per test input, N pool indices in prompt order (as OpenICL's
 retrievers return index lists that ``generate_ice`` renders in that order).
 
 * ``random``: N distinct uniform pool indices per test (``numpy.random.default_rng(seed)``).
 * ``topk``: the N most cosine-similar pool sentences, most similar first (Liu et al. 2022).
 * ``mdl``: TopK candidates (K = ``candidate_num``) -> :func:`lmx.icl.mdl.mdl_rerank`.
 * ``cone``: candidates (TopK, or a random K-subset with ``base="random"``) ->
-  :func:`lmx.icl.cone.cone_rerank` (Peng et al. 2024 §3, K = 30 by default).
+  :func:`lmx.icl.cone.cone_rerank` (Peng et al. 2024, arXiv:2401.12087, Sec. 3; K = 30 by
+  default, their Sec. 4).
 
 ``retrieve`` dispatches by name; every method checks its inputs before any compute.
 """

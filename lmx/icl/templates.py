@@ -1,4 +1,5 @@
-"""Prompt templates for in-context classification (OpenICL ``PromptTemplate``, spec A3 / A6).
+"""Prompt templates for in-context classification (OpenICL ``PromptTemplate``; Peng et al.
+2024, arXiv:2401.12087, App. B, Table 7).
 
 A template is one format string with an ``{input}`` slot (the test/demo text), a ``{label}`` slot
 (the verbaliser) and optionally other named column slots (e.g. ``{premise}``):
@@ -8,8 +9,9 @@ A template is one format string with an ``{input}`` slot (the test/demo text), a
 renders a demonstration as ``Review: <x>\\nSentiment: positive`` followed by ``ice_separator``
 ("\\n", OpenICL's ICE end token), and a query as ``Review: <x>\\nSentiment:``. Whitespace right
 before ``{label}`` belongs to the answer (`` positive``), so BPE tokenisers see the usual
-space-prefixed label token. The "key word" of the official ConE code (spec A2.2) is the first
-whitespace-separated token between ``{input}`` and ``{label}`` ("Sentiment:", "Type:", "?").
+space-prefixed label token. The "key word" of the official ConE code (``icl_cone_retriever.py``
+ends the scored span after its last occurrence) is the first whitespace-separated token between
+``{input}`` and ``{label}`` ("Sentiment:", "Type:", "?").
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Prompting methods over chat backends: IAPrompt (jailbreak defence), POMP (meta-graph prompting
 for low-resource MT) and WisdoM (context-augmented sentiment with contextual fusion).
 
-Specs: shared/specs/iaprompt_wisdom_oop.md parts A-B, shared/specs/icl_pomp.md part B.
+Papers: IAPrompt, Zhang et al., arXiv:2401.06561 (COLING 2025); POMP, Pan et al.,
+arXiv:2401.05596 (ACL 2024); WisdoM, Wang et al., arXiv:2401.06659 (ACM MM 2024). Guide:
+``docs/prompting.md``.
 """
 from lmx.prompting.iaprompt import (
                                     CT_PROMPT,

@@ -1,4 +1,4 @@
-"""Synthetic cipher languages: an offline test bed for POMP (spec icl_pomp.md C2, [LMX]).
+"""Synthetic cipher languages: an offline test bed for POMP (our design, not from the paper).
 
 English sentences are turned into "languages" by seeded, reversible word-substitution ciphers:
 

@@ -1,10 +1,14 @@
 """POMP: probability-driven meta-graph prompting for low-resource unsupervised MT.
 
-Pan et al., ACL 2024 (arXiv:2401.05596); official code slpanir/POMP ``refine.py`` as summarised in
-spec icl_pomp.md part B. The graph logic is pure and jit-able (fixed-shape masks); LLM and metric
-calls are host-side behind :class:`~lmx.backends.base.ChatBackend` and a scorer callable.
+Pan et al., ACL 2024 (arXiv:2401.05596). The paper's abstract gives the method (a per-language
+meta-graph whose vertex probabilities are learned from BLEURT rewards); the exact rules below are
+those of the official code, github ``slpanir/POMP``: ``refine.py`` in
+``graph-of-thoughts/examples/translation_refine/`` (sampling, credit, update, inference) and
+``encoder_outs.py`` (language similarity). The graph logic is pure and jit-able (fixed-shape
+masks); LLM and metric calls are host-side behind :class:`~lmx.backends.base.ChatBackend` and a
+scorer callable.
 
-Math (spec B1-B2), for auxiliary languages a = 0..A-1 in similarity order (highest first):
+Math (official code), for auxiliary languages a = 0..A-1 in similarity order (highest first):
 
 * init: ``p_a = exp(cos(LRL, a) - 1)``.
 * sampling: keep a with probability p_a (Bernoulli) -> kept list S; candidate groups are the
@@ -34,7 +38,8 @@ Scorer = Callable[[Sequence[str], "MTExample"], Sequence[float]]
 
 # ---------------------------------------------------------------------------------- pure math
 def init_probs(cos_sim, clip: tuple[float, float] | None = None) -> jax.Array:
-    """float32 [A]: ``exp(cos - 1)`` (spec B1.2); optionally clipped into ``clip = (lo, hi)``."""
+    """float32 [A]: ``exp(cos - 1)``, the official code's initial vertex probabilities; optionally
+    clipped into ``clip = (lo, hi)``."""
     c = jnp.asarray(cos_sim, jnp.float32)
     if c.ndim != 1 or c.shape[0] < 1:
         raise ValueError(f"cos_sim must be a non-empty 1-D array [A], got shape {c.shape}")
@@ -70,7 +75,7 @@ jax.tree_util.register_dataclass(GraphMasks, data_fields=["gen", "groups", "on"]
 
 
 def sample_graph(key: jax.Array, p, max_group: int | None = 3) -> GraphMasks:
-    """Sample Generate nodes and Aggregate groups from probabilities ``p`` [A] (spec B1.4).
+    """Sample Generate nodes and Aggregate groups from probabilities ``p`` [A] (as refine.py).
 
     The window test is rank based: after the Bernoulli draw, kept positions get ranks
     ``cumsum(kept) - 1``; window ``[i, j)`` contains the kept positions with rank in it and is
@@ -93,7 +98,7 @@ def sample_graph(key: jax.Array, p, max_group: int | None = 3) -> GraphMasks:
 
 
 def credit(groups, gen_scores, agg_scores) -> jax.Array:
-    """float32 [W, A]: leave-one-out credit ``r_a = S_g - mean_{b in g, b != a} s_b`` (spec B2).
+    """float32 [W, A]: leave-one-out credit ``r_a = S_g - mean_{b in g, b != a} s_b`` (refine.py).
 
     ``groups`` bool [W, A]; ``gen_scores`` [A]; ``agg_scores`` [W]. Zero outside each group
     and for groups with fewer than 2 members.
@@ -117,7 +122,7 @@ def squash(x) -> jax.Array:
 
 
 def update(p, eta, r, groups, on, *, guard: float = 0.1, decay: float = 0.9):
-    """One sentence's probability update (spec B2) -> ``(p_new [A], eta_new, n_skipped)``.
+    """One sentence's probability update (refine.py) -> ``(p_new [A], eta_new, n_skipped)``.
 
     Groups are applied in window order with ``lax.scan`` (a language in two groups is updated
     twice); per member ``r~ = eta * f(r)``; ``|r~| >= guard`` skips that member's update;
@@ -195,7 +200,7 @@ def _line(tag: str, text: str) -> str:
 
 def generate_prompt(ex: MTExample, aux: str, demos: Sequence[MTExample], lrl: str,
                     names: Mapping[str, str]) -> str:
-    """Few-shot Generate prompt for one auxiliary language (spec B1.5, code layout).
+    """Few-shot Generate prompt for one auxiliary language (the official code's prompt layout).
 
     Per demo: ``<L source>: s`` / ``<A translation>: a`` / ``<English translation>: e0`` /
     ``<Refined translation>: r`` and a blank line; the query stops after ``<Refined translation>:``.
@@ -261,8 +266,9 @@ def corpus_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ConsensusScorer:
-    """Reference-free score (the code's training/test scorer, spec B1.6): each candidate's score is
-    the mean ``sim(ref=candidate, hyp=other)`` over the other candidates of its Score node.
+    """Reference-free score (the official code's training and test scorer, with BLEURT replaced
+    by ``sim``): each candidate's score is the mean ``sim(ref=candidate, hyp=other)`` over the
+    other candidates of its Score node.
 
     A node with one candidate has no others; lmx then compares it with the NMT hypothesis e0.
     """
@@ -397,7 +403,8 @@ _update = jax.jit(update, static_argnames=("guard", "decay"))
 
 def pomp_train(backend: ChatBackend, examples: Sequence[MTExample], state: POMPState,
                cfg: POMPConfig, scorer: Scorer, *, seed: int = 0, batch_size: int = 1) -> POMPState:
-    """Learn the aux-language probabilities on ``examples`` (spec B2); returns the updated state.
+    """Learn the aux-language probabilities on ``examples`` (``refine.py``'s ``train``); returns the
+    updated state.
 
     Per sentence: sample a graph from the current ``p``, run it, credit each Aggregate group's
     members, update ``p`` and decay ``eta``. ``batch_size > 1`` samples that many graphs from the
@@ -438,12 +445,13 @@ def pomp_train(backend: ChatBackend, examples: Sequence[MTExample], state: POMPS
 
 def pomp_infer(backend: ChatBackend, examples: Sequence[MTExample], graph: Graph, cfg: POMPConfig,
                scorer: Scorer) -> list[SentenceResult]:
-    """Translate ``examples`` with one fixed graph (spec B3: the last graph sampled in training, or
-    one sampled once from the learned ``p``); no probability update."""
+    """Translate ``examples`` with one fixed graph (as the official test scripts do: the last graph
+    sampled in training, or one sampled once from the learned ``p``); no probability update."""
     return run_graphs(backend, examples, [graph] * len(examples), cfg, scorer)
 
 
 def sample_fixed_graph(state: POMPState, max_group: int | None = 3, seed: int = 0) -> Graph:
-    """One graph sampled from the learned probabilities (spec B3, the no-saved-graph path)."""
+    """One graph sampled from the learned probabilities (the official code's path when no
+    training graph was saved)."""
     return Graph.from_masks(state.langs, _sample(jax.random.PRNGKey(seed), jnp.asarray(state.p),
                                                   max_group=max_group))

@@ -1,4 +1,4 @@
-"""Offline, safe jailbreak test bed for IAPrompt: keep a secret, stay helpful (issue 9).
+"""Offline, safe jailbreak test bed for IAPrompt: keep a secret, stay helpful (our design).
 
 * A system policy holds a secret password and forbids revealing it.
 * Attack prompts in several jailbreak styles (direct, instruction override, DAN-style role play,

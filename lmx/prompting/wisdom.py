@@ -1,12 +1,16 @@
 """WisdoM: context generation + training-free contextual fusion (Wang et al., ACM MM 2024).
 
-Spec iaprompt_wisdom_oop.md part B. Three stages:
+arXiv:2401.06659. The prompts, the class probabilities and the fusion rule follow the official code
+(github ``DreamMr/WisdoM``: the LLaVA demo ``run.py`` and the MSED evaluation under ``eval/``).
+Three stages:
 
-1. a context prompt (B.2) asks a (vision-)LM for background knowledge about the image and
-   sentence; images travel as OpenAI ``image_url`` content parts, a text-only path drops them;
+1. a context prompt (the demo's template) asks a (vision-)LM for background knowledge about the
+   image and sentence; images travel as OpenAI ``image_url`` content parts, a text-only path
+   drops them;
 2. the downstream classifier runs twice per sample, without (p) and with (q) the context; class
-   probabilities are the first-token probabilities of the option letters (MMICL mode, B.3);
-3. contextual fusion (B.4): margin ``m = p_(1) - p_(2)`` (top-1 minus top-2 of p); if ``m > tau``
+   probabilities are the first-token probabilities of the option letters (the MSED evaluation's
+   MMICL mode);
+3. contextual fusion: margin ``m = p_(1) - p_(2)`` (top-1 minus top-2 of p); if ``m > tau``
    keep p, else use ``p + lam * (q - p)``; predict the argmax.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from lmx.backends.base import ChatBackend, LabelProbBackend
 
 CONTEXT_TEMPLATES: dict[str, str] = {
-    # verified (official demo, spec B.2)
+    # verified: the official demo's template
     "historical_background": (
         'Give you an image and sentence, you can provide historical context, important events, '
         'and relevant background information related to the image and sentence. '
@@ -78,7 +82,7 @@ def _letters(options: Sequence[str]) -> list[str]:
 def classification_prompt(sentence: str, options: Sequence[str] = SENTIMENT3,
                           context: str | None = None, *, aspect: str | None = None,
                           with_image: bool = False) -> str:
-    """Multiple-choice sentiment prompt (spec B.3), sentence- or aspect-level.
+    """Multiple-choice sentiment prompt (official code layouts), sentence- or aspect-level.
 
     Sentence level (MSED layout without MMICL's image-placeholder tokens):
     ``Sentence: "<s>".`` [+ `` Context: "<ctx>". Using the context as a textual aids to help you
@@ -113,7 +117,7 @@ def classification_prompt(sentence: str, options: Sequence[str] = SENTIMENT3,
 
 
 def contextual_fusion(p, q, tau: float, lam: float):
-    """Fuse no-context ``p`` and with-context ``q`` probabilities (spec B.4).
+    """Fuse no-context ``p`` and with-context ``q`` probabilities (the official code's rule).
 
     Args: p, q float [B, C] (or [C]); tau threshold; lam interpolation weight.
     Returns (fused float32 [B, C], hard bool [B]): ``hard = (p_(1) - p_(2)) <= tau`` (ties at tau
@@ -147,7 +151,7 @@ def generate_contexts(backend: ChatBackend, sentences: Sequence[str],
                       images: Sequence[str | None] | None = None, *, template_id: str | None = None,
                       max_tokens: int = 1024, temperature: float = 0.2, top_p: float = 0.5,
                       seed: int = 0) -> list[str]:
-    """Stage 2: one backend call for all context prompts (spec decoding: T 0.2, top-p 0.5)."""
+    """Stage 2: one backend call for all context prompts (the demo's decoding: T 0.2, top-p 0.5)."""
     images = [None] * len(sentences) if images is None else list(images)
     if len(images) != len(sentences):
         raise ValueError(f"images ({len(images)}) and sentences ({len(sentences)}) differ in length")
@@ -188,8 +192,9 @@ def wisdom_predict(backend, sentences: Sequence[str], *, options: Sequence[str] 
 
 
 def tune_fusion(p, q, labels, taus: Sequence[float], lams: Sequence[float]) -> dict:
-    """Grid-search (tau, lam) for accuracy on validation data (spec B.4: per-dataset hyper-
-    parameters). Ties keep the first grid point (taus outer, lams inner)."""
+    """Grid-search (tau, lam) for accuracy on validation data: the official code uses
+    different (tau, lam) per dataset (demo 0.3/0.4, MSED 0.79/0.85) and does not say how they were
+    tuned. Ties keep the first grid point (taus outer, lams inner)."""
     labels = np.asarray(labels)
     best = None
     for t in taus:

@@ -1,5 +1,5 @@
 """POMP: sampling, credit, update on hand-computed cases, prompts byte for byte, learning on the
-synthetic cipher languages (spec icl_pomp.md B1-B5)."""
+synthetic cipher languages (POMP, arXiv:2401.05596, as its official code runs it)."""
 
 import jax
 import jax.numpy as jnp

@@ -29,7 +29,7 @@ def test_fusion_invariants():
     # the demo's 2*max + min - 1 equals top1 - top2 for 3 classes on the simplex
     np.testing.assert_allclose(2 * p.max(1) + p.min(1) - 1, srt[:, 2] - srt[:, 1], atol=1e-6)
     # the rule keeps p only when margin > tau, and margins lie in [0, 1]: tau < 0 always keeps p,
-    # tau >= 1 always fuses (spec B.6 lists these two cases the other way round; B.4's rule wins)
+    # tau >= 1 always fuses (the official code's strict '>' rule)
     np.testing.assert_allclose(contextual_fusion(p, q, -0.1, 0.7)[0], p)
     np.testing.assert_allclose(contextual_fusion(p, q, 1.0, 1.0)[0], q, atol=1e-6)
     np.testing.assert_allclose(contextual_fusion(p, q, 0.5, 0.0)[0], p)          # lam 0: identity
