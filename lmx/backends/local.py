@@ -1,16 +1,20 @@
-"""Chat backend over a local token-level model: chat template -> batched generate -> decode.
+"""Chat backend over a local token-level model: chat template -> generation engine -> text.
 
-The backend is model-agnostic: it needs a tokenizer with a chat template (a transformers
-``PreTrainedTokenizerFast``) and two token-level functions,
+Generation runs on an engine with one request/stream interface (:mod:`lmx.serve.engine`):
 
-* ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, stop_tokens, seed)
-  -> list[list[int]]``: new tokens only (a trailing stop token may be included or not), and
-* ``logprobs_fn(sequences, positions) -> list[float32 [len(positions[i]), V]]``: row ``k`` is
-  ``log p(. | sequences[i][:positions[i][k] + 1])``, the next-token distribution after that
-  position (needed only for :meth:`LocalBackend.label_probs` and token log-probs).
+* :meth:`LocalBackend.from_lmx` / :meth:`LocalBackend.load` wire an ``lmx.models.Transformer``
+  onto the continuous-batching :class:`~lmx.serve.engine.Engine` (a fixed set of KV-cache
+  slots; requests join and leave between decode steps) -- the same engine ``python -m
+  lmx.serve`` serves over HTTP -- plus a jitted hidden-state gather for scoring;
+* a plain constructor call takes token-level functions instead (scripted test models):
 
-:meth:`LocalBackend.from_lmx` wires both onto an ``lmx.models.Transformer`` (``generate`` and a
-jitted hidden-state gather), so the same class serves the 135M SmolLM2 and a tiny random model.
+  - ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, stop_tokens, seed)
+    -> list[list[int]]``: new tokens only (a trailing stop token may be included or not),
+    run by a :class:`~lmx.serve.engine.FunctionEngine`, and
+  - ``logprobs_fn(sequences, positions) -> list[float32 [len(positions[i]), V]]``: row ``k`` is
+    ``log p(. | sequences[i][:positions[i][k] + 1])``, the next-token distribution after that
+    position (needed only for :meth:`LocalBackend.label_probs` and, with ``generate_fn``,
+    token log-probs).
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import numpy as np
 from lmx.backends.base import (
     Completion,
     SamplingParams,
-    cut_at_stop,
     has_images,
     restricted_softmax,
     text_of,
@@ -58,30 +61,34 @@ def _stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
 
 
 class LocalBackend:
-    """Batched chat over a local model (see module docstring for ``generate_fn``/``logprobs_fn``).
+    """Chat over a local model (see the module docstring for the two ways to build one).
 
     Args:
       tokenizer: has ``apply_chat_template``, ``encode``, ``decode``, ``get_vocab``.
-      generate_fn, logprobs_fn: token-level functions (``logprobs_fn`` may be None).
+      generate_fn, logprobs_fn: token-level functions (either may be None when ``engine`` is
+        given; ``logprobs_fn`` None disables :meth:`label_probs`).
       max_seq_len: context length; prompt tokens + max_tokens must fit, else
         :class:`PromptTooLongError` (a ValueError) is raised before any compute.
       model_name: the id reported by the server.
-      max_batch: conversations per ``generate_fn`` call.
+      max_batch: conversations per ``generate_fn`` call (function engine) / scoring batch.
       stop_token_ids: ids that end a reply; default EOS + known end-of-turn tokens.
+      engine: a ready :class:`~lmx.serve.engine.Engine` (``from_lmx`` builds one).
 
-    Not thread-safe by itself: ``lmx.serve`` funnels all calls through one worker thread, and
-    a lock guards direct concurrent use.
+    Thread-safe: the engine owns the model on its own thread and takes requests from any thread.
     """
 
     supports_images = False
 
-    def __init__(self, tokenizer: Any, generate_fn: GenerateFn, logprobs_fn: LogprobsFn | None = None,
-                 *, max_seq_len: int, model_name: str = "local", max_batch: int = 16,
-                 stop_token_ids: Sequence[int] | None = None):
+    def __init__(self, tokenizer: Any, generate_fn: GenerateFn | None = None,
+                 logprobs_fn: LogprobsFn | None = None, *, max_seq_len: int,
+                 model_name: str = "local", max_batch: int = 16,
+                 stop_token_ids: Sequence[int] | None = None, engine: Any = None):
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if generate_fn is None and engine is None:
+            raise ValueError("LocalBackend needs a generate_fn or an engine")
         self.tokenizer = tokenizer
         self.generate_fn = generate_fn
         self.logprobs_fn = logprobs_fn
@@ -94,27 +101,48 @@ class LocalBackend:
         # HF fast tokenizers reset their Rust truncation/padding state on every encode; two threads
         # encoding at once can fail with "Already borrowed", so all tokenizer calls are serialised
         self._tok_lock = threading.Lock()
+        if engine is None:
+            from lmx.serve.engine import FunctionEngine
+
+            engine = FunctionEngine(generate_fn, tokenizer, max_len=max_seq_len,
+                                    vocab_size=len(tokenizer), stop_token_ids=self.stop_token_ids,
+                                    max_batch=max_batch, logprobs_fn=logprobs_fn,
+                                    decode=self.decode)
+        self.engine = engine
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_lmx(cls, model: Any, tokenizer: Any, *, model_name: str = "local",
-                 max_batch: int = 16, max_seq_len: int | None = None) -> LocalBackend:
-        """Wire an ``lmx.models.Transformer`` + tokenizer (``lmx.models.generate`` for decoding)."""
+                 max_batch: int = 16, max_seq_len: int | None = None, n_slots: int | None = None,
+                 **engine_kw: Any) -> LocalBackend:
+        """Wire an ``lmx.models.Transformer`` + tokenizer onto a continuous-batching engine.
+
+        ``n_slots`` (default ``max_batch``) KV-cache slots of ``max_seq_len`` columns (default
+        the model's context capped at 2048: the cache holds ``n_slots * max_seq_len`` tokens);
+        ``engine_kw`` go to :class:`~lmx.serve.engine.Engine` (bucket lists, prefill budget).
+        """
         from lmx.backends import _lmx_glue
+        from lmx.serve.engine import Engine
 
         cfg_len = int(model.cfg.max_seq_len)
-        gen, lp = _lmx_glue.make_fns(model, pad_id=_pad_id(tokenizer))
-        return cls(tokenizer, gen, lp, max_seq_len=min(cfg_len, max_seq_len or cfg_len),
-                   model_name=model_name, max_batch=max_batch)
+        max_len = min(cfg_len, max_seq_len or 2048)
+        _, lp = _lmx_glue.make_fns(model, pad_id=_pad_id(tokenizer))
+        backend = cls(tokenizer, None, lp, max_seq_len=max_len, model_name=model_name,
+                      max_batch=max_batch, engine=_Pending)
+        backend.engine = Engine(model, tokenizer, n_slots=n_slots or max_batch, max_len=max_len,
+                                stop_token_ids=backend.stop_token_ids, decode=backend.decode,
+                                **engine_kw)
+        return backend
 
     @classmethod
-    def load(cls, name: str, *, max_batch: int = 16, max_seq_len: int | None = None) -> LocalBackend:
+    def load(cls, name: str, *, max_batch: int = 16, max_seq_len: int | None = None,
+             **engine_kw: Any) -> LocalBackend:
         """``lmx.models.load(name)`` (offline assets, e.g. ``"smollm2-135m-instruct"``) as a backend."""
         from lmx.models import load
 
         model, tokenizer = load(name)
         return cls.from_lmx(model, tokenizer, model_name=name, max_batch=max_batch,
-                            max_seq_len=max_seq_len)
+                            max_seq_len=max_seq_len, **engine_kw)
 
     # ------------------------------------------------------------------ rendering
     def render(self, conversation: list[dict]) -> list[int]:
@@ -128,6 +156,11 @@ class LocalBackend:
         """Text of ``ids`` without special tokens (thread-safe)."""
         with self._tok_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain ``text`` (no special tokens added; thread-safe)."""
+        with self._tok_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def render_all(self, conversations: list[list[dict]], max_tokens: int = 0) -> list[list[int]]:
         """Validate and render a batch; raise :class:`PromptTooLongError` before any compute."""
@@ -148,40 +181,35 @@ class LocalBackend:
                  seed: int = 0, top_logprobs: int | None = None) -> list[Completion]:
         """Generate one reply per conversation (see :class:`~lmx.backends.base.Completion`).
 
-        ``top_logprobs=k`` (0..20) also returns, per generated token, its log-prob and the k most
-        likely alternatives, computed by one teacher-forced pass over prompt + reply.
+        Every conversation is one engine request; conversation ``i`` samples from the PRNG
+        stream ``(seed, i)``, so its text does not depend on what else runs. ``top_logprobs=k``
+        (0..20) also returns, per generated token, its log-prob and the k most likely
+        alternatives under the model's raw next-token distribution.
         Raises ValueError/TypeError on bad messages or parameters, PromptTooLongError when a
         prompt does not fit.
         """
+        from lmx.serve.engine import GenRequest
+
         params = SamplingParams(max_tokens, temperature, top_p, tuple(stop), seed)
         if top_logprobs is not None:
             if not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
                 raise ValueError(f"top_logprobs must be an int in [0, 20], got {top_logprobs!r}")
-            if self.logprobs_fn is None:
+            if self.generate_fn is not None and self.logprobs_fn is None:
                 raise ValueError("top_logprobs needs a backend built with a logprobs_fn")
         prompts = self.render_all(conversations, params.max_tokens)
-        with self._lock:
-            outs: list[list[int]] = []
-            for s in range(0, len(prompts), self.max_batch):
-                outs += self.generate_fn(prompts[s:s + self.max_batch],
-                                         max_new_tokens=params.max_tokens,
-                                         temperature=float(params.temperature),
-                                         top_p=float(params.top_p),
-                                         stop_tokens=self.stop_token_ids, seed=params.seed + s)
-            result = []
-            for prompt, toks in zip(prompts, outs):
-                toks = [int(t) for t in toks][:params.max_tokens]
-                stop_hit = False
-                for k, t in enumerate(toks):
-                    if t in self.stop_token_ids:
-                        toks, stop_hit = toks[:k], True
-                        break
-                text = self.decode(toks)
-                text, cut = cut_at_stop(text, params.stop)
-                reason = "stop" if (stop_hit or cut or len(toks) < params.max_tokens) else "length"
-                tlp = (self._token_logprobs(prompt, toks, top_logprobs)
-                       if top_logprobs is not None else None)
-                result.append(Completion(text, reason, len(prompt), len(toks) + int(stop_hit), tlp))
+        outs = self.engine.generate([
+            GenRequest(p, max_tokens=params.max_tokens, temperature=float(params.temperature),
+                       top_p=float(params.top_p), seed=int(params.seed), stream=i,
+                       stop=params.stop, top_logprobs=top_logprobs)
+            for i, p in enumerate(prompts)])
+        result = []
+        for prompt, (text, lps, final) in zip(prompts, outs):
+            if final.finish_reason == "error":
+                raise RuntimeError(f"generation failed: {final.error}")
+            tlp = (tuple((t.token, t.logprob, tuple(t.top)) for t in lps)
+                   if top_logprobs is not None else None)
+            result.append(Completion(text, final.finish_reason, len(prompt),
+                                     final.completion_tokens, tlp))
         return result
 
     def chat(self, conversations: list[list[dict]], *, max_tokens: int = 128,
@@ -191,18 +219,6 @@ class LocalBackend:
         return [c.text for c in self.complete(conversations, max_tokens=max_tokens,
                                               temperature=temperature, top_p=top_p, stop=stop,
                                               seed=seed)]
-
-    def _token_logprobs(self, prompt: list[int], toks: list[int], k: int) -> tuple:
-        if not toks:
-            return ()
-        n = len(prompt)
-        rows = self.logprobs_fn([prompt + toks], [list(range(n - 1, n - 1 + len(toks)))])[0]
-        out = []
-        for row, t in zip(np.asarray(rows, np.float32), toks):
-            alts = np.argsort(-row)[:k] if k else []
-            out.append((self.decode([t]), float(row[t]),
-                        tuple((self.decode([int(a)]), float(row[a])) for a in alts)))
-        return tuple(out)
 
     # ------------------------------------------------------------------ scoring
     def label_token_ids(self, labels: Sequence[str]) -> list[int]:
@@ -236,6 +252,9 @@ class LocalBackend:
                 out = self.logprobs_fn(chunk, [[len(p) - 1] for p in chunk])
                 rows += [np.asarray(r, np.float32)[0, ids] for r in out]
         return restricted_softmax(np.stack(rows))
+
+
+_Pending = object()  # from_lmx builds the engine once the backend's decode() exists
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -2,7 +2,8 @@
 
 ``--model`` is anything ``lmx.models.load`` accepts (a registered name, an HF checkpoint
 directory, a .gguf file) or ``tiny-random`` (a 2-layer random Llama with a byte-level ChatML
-tokenizer, for smoke tests). The server binds 127.0.0.1 unless ``--host`` says otherwise.
+tokenizer, for smoke tests). The server binds 127.0.0.1 unless ``--host`` says otherwise, and
+compiles every engine shape before it opens the port (``--no-warmup`` to skip).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 
 def build_backend(model: str, *, max_batch: int, max_seq_len: int | None, seed: int = 0):
+    """A LocalBackend with a continuous-batching engine of ``max_batch`` slots."""
     from lmx.backends import LocalBackend
 
     if model == "tiny-random":
@@ -33,18 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=16, help="KV-cache slots (concurrent requests)")
     ap.add_argument("--max-seq-len", type=int, default=None)
     ap.add_argument("--default-max-tokens", type=int, default=256)
+    ap.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     from lmx.serve.app import ChatServer
 
     backend = build_backend(args.model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
     server = ChatServer(backend, model_name=args.served_name or args.model, host=args.host,
-                        port=args.port, max_batch=args.max_batch,
-                        default_max_tokens=args.default_max_tokens, verbose=args.verbose)
-    print(f"lmx.serve: {server.model_name!r} on {server.base_url}", flush=True)
+                        port=args.port, default_max_tokens=args.default_max_tokens,
+                        warmup=not args.no_warmup, verbose=args.verbose)
+    print(f"lmx.serve: {server.model_name!r} on {server.base_url} (warming up)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,33 +1,33 @@
-"""OpenAI-compatible HTTP server for a local lmx model (``/v1/chat/completions``, ``/v1/models``).
+"""OpenAI-compatible HTTP server (FastAPI/Starlette on uvicorn) over a continuous-batching engine.
 
-Design: ``http.server.ThreadingHTTPServer`` parses and validates each request on its own thread
-(JSON, model id, messages, decoding parameters, prompt length after the chat template); valid
-requests go into one queue. A single worker thread owns the model: it takes the oldest request,
-adds every queued request with the same decoding parameters (up to ``max_batch``), runs one
-batched ``LocalBackend.complete`` call and hands each result back. The model is therefore never
-used from two threads, concurrent clients share batches, and a bad request never reaches it.
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with SSE streaming),
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-Errors follow OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
-malformed JSON, bad parameters and over-long prompts (``code = "context_length_exceeded"``), 404
-for unknown models and paths, 405/411/413 for wrong method / missing length / oversized body, 500
-if generation itself fails. The server keeps serving after every one of them.
+Each request is parsed and validated on the event loop (JSON, model id, messages, every
+decoding field, prompt length after the chat template); a bad one gets an OpenAI-style JSON
+error ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status -- also for unknown
+routes (404), wrong methods (405) and oversized bodies (413) -- and never reaches the model. A
+field this server does not implement is a 400 naming it, never silently ignored. Valid requests
+become one engine request per choice (``n``); the engine thread streams tokens back through
+``loop.call_soon_threadsafe``. When the client goes away (a closed stream, or a dropped
+connection while a non-streaming request waits) every choice is cancelled and its KV-cache slot
+is free at the next decode step.
 """
-from __future__ import annotations
-
-import dataclasses
-import itertools
+# no ``from __future__ import annotations``: FastAPI must see the real ``Request`` class of the
+# handlers defined inside create_app
+import asyncio
 import json
-import queue
+import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
-from lmx.backends.base import validate_conversation, validate_sampling
-from lmx.backends.local import LocalBackend, PromptTooLongError
+from lmx.backends.base import MAX_STOP_STRINGS
+from lmx.serve.engine import Event, GenRequest
+
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
+MAX_N = 64
 
 
 class RequestError(Exception):
@@ -43,311 +43,603 @@ class RequestError(Exception):
                           "code": self.code}}
 
 
-@dataclasses.dataclass
-class _Job:
-    conversation: list
-    key: tuple  # (max_tokens, temperature, top_p, stop, seed, top_logprobs)
-    future: Future
-
-
 def _bad(msg: str, param: str | None = None, code: str | None = None) -> RequestError:
     return RequestError(400, msg, param=param, code=code)
 
 
-def parse_chat_request(body: Any, served: str, backend: LocalBackend, default_max_tokens: int,
-                       seed_counter) -> tuple[list, tuple]:
-    """Validate a chat-completions body -> (messages, decoding key); raise RequestError (4xx).
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
-    Accepted: model, messages, max_tokens | max_completion_tokens, temperature (default 1.0 as in
-    OpenAI), top_p, stop (string or list of <= 4), seed, n (= 1), stream (false), logprobs,
-    top_logprobs (0..20, needs logprobs), presence/frequency_penalty (0 only), user (ignored).
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# fields each endpoint implements; anything else is a 400 naming the field
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+           "stream_options", "presence_penalty", "frequency_penalty", "user", "logit_bias",
+           "ignore_eos"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                         "response_format", "tools", "tool_choice", "parallel_tool_calls", "store",
+                         "metadata"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
+_MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+
+
+def _check_fields(body: dict, allowed: set, where: str) -> None:
+    for k in body:
+        if k not in allowed:
+            raise _bad(f"unsupported field {k!r} in {where}: this server implements "
+                       f"{sorted(allowed)}", k, "unsupported_parameter")
+
+
+def _only(body: dict, name: str, ok) -> None:
+    """``body[name]`` must be absent/None or satisfy ``ok``; else a 400 naming it."""
+    v = body.get(name)
+    if v is not None and not ok(v):
+        raise _bad(f"{name}={v!r} is not supported by this server", name, "unsupported_parameter")
+
+
+def _text(content: Any, where: str, role: str) -> str:
+    if content is None:
+        if role == "assistant":
+            return ""
+        raise _bad(f"{where}['content'] must not be null for role {role!r}", "messages")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise _bad(f"{where}['content'] must be a string or a non-empty list of parts", "messages")
+    parts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind in ("image_url", "input_audio", "file"):
+            raise _bad(f"{where}['content'][{k}] is a {kind} part but this model is text-only",
+                       "messages")
+        else:
+            raise _bad(f"{where}['content'][{k}] must be a text part {{'type': 'text', 'text': "
+                       f"str}}, got {part!r}"[:300], "messages")
+    return "\n".join(parts)
+
+
+def normalize_messages(msgs: Any) -> list[dict]:
+    """OpenAI chat messages -> [{"role", "content": str}] for the chat template.
+
+    Roles: system, developer (rendered as system, as OpenAI does for non-reasoning models),
+    user, assistant (``content`` may be null; ``tool_calls`` are rendered as their JSON), tool.
     """
-    if not isinstance(body, dict):
-        raise _bad(f"request body must be a JSON object, got {type(body).__name__}")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("'model' is required and must be a string", "model")
-    if model != served:
-        raise RequestError(404, f"The model '{model}' does not exist; this server serves "
-                           f"'{served}' (see GET /v1/models)", param="model",
-                           code="model_not_found")
-    msgs = body.get("messages")
-    if msgs is None:
-        raise _bad("'messages' is required", "messages")
-    try:
-        validate_conversation(msgs, allow_images=backend.supports_images)
-    except (TypeError, ValueError) as e:
-        raise _bad(str(e).replace("conversations[0]", "messages"), "messages") from None
-    if body.get("stream"):
-        raise _bad("stream=true is not supported by this server", "stream")
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise _bad(f"only n=1 is supported, got {n!r}", "n")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' must be a non-empty list of messages", "messages")
+    out = []
+    for j, m in enumerate(msgs):
+        where = f"messages[{j}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object with 'role' and 'content'", "messages")
+        for k in m:
+            if k not in _MESSAGE_FIELDS:
+                raise _bad(f"unsupported field {k!r} in {where}", "messages", "unsupported_parameter")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise _bad(f"{where}['role'] must be one of system, developer, user, assistant, tool; "
+                       f"got {role!r}", "messages")
+        if "content" not in m and not (role == "assistant" and m.get("tool_calls")):
+            raise _bad(f"{where} has no 'content'", "messages")
+        text = _text(m.get("content"), where, role)
+        if role == "assistant" and m.get("tool_calls"):
+            text = (text + "\n" if text else "") + json.dumps(m["tool_calls"])
+        out.append({"role": "system" if role == "developer" else role, "content": text})
+    return out
+
+
+def _sampling(body: dict) -> dict:
+    """Shared decoding fields -> GenRequest keyword arguments (seed/stream set per choice)."""
     for pen in ("presence_penalty", "frequency_penalty"):
-        v = body.get(pen, 0)
-        if v not in (0, 0.0, None) or isinstance(v, bool):
-            raise _bad(f"{pen} is not supported (must be 0), got {v!r}", pen)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    temperature = body.get("temperature", 1.0)
-    top_p = body.get("top_p", 1.0)
+        _only(body, pen, lambda v: _is_num(v) and v == 0)
+    _only(body, "logit_bias", lambda v: v == {})
+    temperature = body.get("temperature")
     temperature = 1.0 if temperature is None else temperature
+    if not _is_num(temperature) or not 0.0 <= temperature <= 2.0:
+        raise _bad(f"temperature must be a number in [0, 2], got {temperature!r}", "temperature")
+    top_p = body.get("top_p")
     top_p = 1.0 if top_p is None else top_p
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
+    if not _is_num(top_p) or not 0.0 < top_p <= 1.0:
+        raise _bad(f"top_p must be a number in (0, 1], got {top_p!r}", "top_p")
+    top_k = body.get("top_k")
+    top_k = 0 if top_k is None or top_k == -1 else top_k
+    if not _is_int(top_k) or top_k < 0:
+        raise _bad(f"top_k must be an int >= 0 (or -1 = off), got {top_k!r}", "top_k")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or \
+            not all(isinstance(s, str) and s for s in stop):
+        raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
+                   f"non-empty strings, got {body.get('stop')!r}", "stop")
     seed = body.get("seed")
-    seed = next(seed_counter) if seed is None else seed
-    logprobs = body.get("logprobs", False)
-    if not isinstance(logprobs, bool):
-        raise _bad(f"logprobs must be a boolean, got {logprobs!r}", "logprobs")
-    top_lp = body.get("top_logprobs")
-    if top_lp is not None:
-        if not logprobs:
-            raise _bad("top_logprobs requires logprobs=true", "top_logprobs")
-        if not isinstance(top_lp, int) or isinstance(top_lp, bool) or not 0 <= top_lp <= 20:
-            raise _bad(f"top_logprobs must be an integer in [0, 20], got {top_lp!r}", "top_logprobs")
-    if logprobs and backend.logprobs_fn is None:
-        raise _bad("logprobs are not available for this model", "logprobs")
-    try:
-        prompt_len = len(backend.render_all([msgs], 0)[0])
-    except PromptTooLongError as e:
-        raise _bad(str(e).replace("conversations[0]", "messages"), "messages",
-                   "context_length_exceeded") from None
-    except (TypeError, ValueError) as e:
-        raise _bad(str(e).replace("conversations[0]", "messages"), "messages") from None
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, backend.max_seq_len - prompt_len)
-    if not isinstance(stop, (list, tuple)):
-        raise _bad(f"stop must be a string or a list of strings, got {type(stop).__name__}", "stop")
-    try:
-        validate_sampling(max_tokens, temperature, top_p, stop, seed)
-    except (TypeError, ValueError) as e:
-        param = next((p for p in ("max_tokens", "temperature", "top_p", "stop", "seed")
-                      if str(e).startswith(p)), None)
-        raise _bad(str(e), param) from None
-    if prompt_len + max_tokens > backend.max_seq_len:
-        raise _bad(f"messages render to {prompt_len} prompt tokens; with max_tokens={max_tokens} "
-                   f"that exceeds the model's context of {backend.max_seq_len} tokens",
-                   "messages", "context_length_exceeded")
-    # greedy decoding ignores the seed: one key lets concurrent greedy requests share a batch
-    seed = 0 if float(temperature) == 0.0 else int(seed)
-    key = (int(max_tokens), float(temperature), float(top_p), tuple(stop), seed,
-           top_lp if logprobs else None)
-    if logprobs and top_lp is None:
-        key = key[:5] + (0,)
-    return msgs, key
+    if seed is not None and (not _is_int(seed) or not _SEED_MIN <= seed <= _SEED_MAX):
+        raise _bad(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}", "seed")
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise _bad(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad(f"stream must be a boolean, got {stream!r}", "stream")
+    so = body.get("stream_options")
+    include_usage = False
+    if so is not None:
+        if not stream:
+            raise _bad("stream_options is only allowed with stream=true", "stream_options")
+        if not isinstance(so, dict) or any(k != "include_usage" for k in so) or \
+                not isinstance(so.get("include_usage", False), bool):
+            raise _bad(f"stream_options supports only {{'include_usage': bool}}, got {so!r}",
+                       "stream_options")
+        include_usage = bool(so.get("include_usage", False))
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad(f"ignore_eos must be a boolean, got {ignore_eos!r}", "ignore_eos")
+    return {"temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k),
+            "stop": tuple(stop), "seed": seed, "n": n, "stream": bool(stream),
+            "include_usage": include_usage, "ignore_eos": ignore_eos}
+
+
+class ServeApp:
+    """Request parsing and response building around a backend's engine (see module docstring)."""
+
+    def __init__(self, backend: Any, model_name: str, default_max_tokens: int = 256,
+                 max_body_bytes: int = 1 << 20):
+        self.backend = backend
+        self.engine = backend.engine
+        self.model_name = model_name
+        self.default_max_tokens = default_max_tokens
+        self.max_body_bytes = max_body_bytes
+        self.created = int(time.time())
+
+    def _model(self, body: dict) -> None:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad("'model' is required and must be a string", "model")
+        if model != self.model_name:
+            raise RequestError(404, f"The model '{model}' does not exist; this server serves "
+                               f"'{self.model_name}' (see GET /v1/models)", param="model",
+                               code="model_not_found")
+
+    def _max_tokens(self, body: dict, names: tuple[str, ...], prompt_len: int, default: int) -> int:
+        max_len = self.engine.max_len
+        if prompt_len >= max_len:
+            raise _bad(f"the prompt has {prompt_len} tokens; the context is {max_len} tokens",
+                       "messages" if "max_completion_tokens" in names else "prompt",
+                       "context_length_exceeded")
+        name = next((k for k in names if body.get(k) is not None), None)
+        if name is None:
+            return min(default, max_len - prompt_len)
+        v = body[name]
+        if not _is_int(v) or v < 1:
+            raise _bad(f"{name} must be an integer >= 1, got {v!r}", name)
+        if prompt_len + v > max_len:
+            raise _bad(f"the prompt has {prompt_len} tokens; with {name}={v} that exceeds the "
+                       f"context of {max_len} tokens",
+                       "messages" if "max_completion_tokens" in names else "prompt",
+                       "context_length_exceeded")
+        return v
+
+    def parse_chat(self, body: Any) -> tuple[list[GenRequest], dict]:
+        """Validate a chat-completions body -> (one GenRequest per choice, options)."""
+        if not isinstance(body, dict):
+            raise _bad(f"request body must be a JSON object, got {type(body).__name__}")
+        self._model(body)
+        _check_fields(body, CHAT_FIELDS, "chat completions")
+        if body.get("messages") is None:
+            raise _bad("'messages' is required", "messages")
+        msgs = normalize_messages(body["messages"])
+        _only(body, "response_format", lambda v: v == {"type": "text"})
+        _only(body, "tools", lambda v: v == [])
+        _only(body, "tool_choice", lambda v: v == "none")
+        _only(body, "parallel_tool_calls", lambda v: isinstance(v, bool))
+        _only(body, "store", lambda v: v is False)
+        _only(body, "metadata", lambda v: isinstance(v, dict))
+        opts = _sampling(body)
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise _bad(f"logprobs must be a boolean, got {logprobs!r}", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None:
+            if not logprobs:
+                raise _bad("top_logprobs requires logprobs=true", "top_logprobs")
+            if not _is_int(top) or not 0 <= top <= 20:
+                raise _bad(f"top_logprobs must be an integer in [0, 20], got {top!r}", "top_logprobs")
+        try:
+            prompt = self.backend.render(msgs)
+        except Exception as e:  # noqa: BLE001 - a template error is the client's message list
+            raise _bad(f"messages could not be rendered by the chat template: {e}", "messages") from None
+        max_tokens = self._max_tokens(body, ("max_completion_tokens", "max_tokens"), len(prompt),
+                                      self.default_max_tokens)
+        opts["logprobs"] = bool(logprobs)
+        return self._requests(prompt, max_tokens, opts, (top or 0) if logprobs else None), opts
+
+    def parse_completion(self, body: Any) -> tuple[list[GenRequest], dict]:
+        """Validate a (legacy) completions body -> (one GenRequest per prompt x choice, options)."""
+        if not isinstance(body, dict):
+            raise _bad(f"request body must be a JSON object, got {type(body).__name__}")
+        self._model(body)
+        _check_fields(body, COMPLETION_FIELDS, "completions")
+        _only(body, "echo", lambda v: v is False)
+        _only(body, "suffix", lambda v: False)
+        opts = _sampling(body)
+        _only(body, "best_of", lambda v: v == opts["n"])
+        prompts = body.get("prompt")
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and all(_is_int(t) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts:
+            raise _bad("'prompt' must be a string, a list of strings, a list of token ids or a "
+                       "list of token-id lists", "prompt")
+        ids = []
+        vocab = self.engine.vocab_size
+        for i, p in enumerate(prompts):
+            if isinstance(p, str) and p:
+                ids.append(self.backend.encode(p))
+            elif isinstance(p, list) and p and all(_is_int(t) and 0 <= t < vocab for t in p):
+                ids.append(list(p))
+            else:
+                raise _bad(f"prompt[{i}] must be a non-empty string or a list of token ids in "
+                           f"[0, {vocab})", "prompt")
+        lp = body.get("logprobs")
+        if lp is not None and (not _is_int(lp) or not 0 <= lp <= 20):
+            raise _bad(f"logprobs must be an integer in [0, 20], got {lp!r}", "logprobs")
+        opts["logprobs"] = lp is not None
+        reqs = []
+        for p in ids:
+            max_tokens = self._max_tokens(body, ("max_tokens",), len(p), 16)
+            reqs += self._requests(p, max_tokens, opts, lp)
+        return reqs, opts
+
+    def _requests(self, prompt: list[int], max_tokens: int, opts: dict, top: int | None):
+        seed = opts["seed"]
+        return [GenRequest(prompt, max_tokens=max_tokens, temperature=opts["temperature"],
+                           top_p=opts["top_p"], top_k=opts["top_k"], seed=seed, stream=i,
+                           stop=opts["stop"], top_logprobs=top, ignore_eos=opts["ignore_eos"])
+                for i in range(opts["n"])]
+
+    # ------------------------------------------------------------------ responses
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created,
+                "owned_by": "lmx", "max_model_len": self.engine.max_len}
+
+    def chat_logprobs(self, lps: list) -> dict:
+        return {"content": [
+            {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
+             "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())}
+                              for a, v in t.top]} for t in lps]}
+
+    @staticmethod
+    def completion_logprobs(lps: list, offset: int) -> dict:
+        offsets, pos = [], offset
+        for t in lps:
+            offsets.append(pos)
+            pos += len(t.token)
+        return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
+                "top_logprobs": [dict(t.top) for t in lps], "text_offset": offsets}
+
+    def metrics_text(self) -> str:
+        m = self.engine.metrics
+        lines = []
+
+        def metric(name, kind, help_, value, labels=""):
+            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}",
+                          f"{name}{labels} {value}"])
+
+        metric("lmx_queue_length", "gauge", "Requests waiting for a KV-cache slot.", m.queue_length)
+        metric("lmx_running_slots", "gauge", "KV-cache slots held by running requests.", m.running)
+        metric("lmx_slots_total", "gauge", "KV-cache slots of the engine.", self.engine.n_slots)
+        metric("lmx_generation_tokens_per_second", "gauge",
+               "Generated tokens per second over the last 10 s.", round(m.tokens_per_second(), 3))
+        metric("lmx_generation_tokens_total", "counter", "Generated tokens.", m.generation_tokens)
+        metric("lmx_prompt_tokens_total", "counter", "Prefilled prompt tokens.", m.prompt_tokens)
+        metric("lmx_engine_compiles_total", "counter", "Compiled kernel variants.",
+               self.engine.compile_count())
+        lines += ["# HELP lmx_requests_finished_total Finished requests by finish reason.",
+                  "# TYPE lmx_requests_finished_total counter"]
+        for reason in ("stop", "length", "cancelled", "error"):
+            lines.append(f'lmx_requests_finished_total{{finish_reason="{reason}"}} '
+                         f'{m.finished.get(reason, 0)}')
+        lines += ["# HELP lmx_time_to_first_token_seconds Time from submission to first token.",
+                  "# TYPE lmx_time_to_first_token_seconds histogram"]
+        acc = 0
+        for b, c in zip(m.TTFT_BUCKETS + (float("inf"),), m.ttft_counts):
+            acc += c
+            le = "+Inf" if b == float("inf") else repr(b)
+            lines.append(f'lmx_time_to_first_token_seconds_bucket{{le="{le}"}} {acc}')
+        lines.append(f"lmx_time_to_first_token_seconds_sum {m.ttft_sum:.6f}")
+        lines.append(f"lmx_time_to_first_token_seconds_count {acc}")
+        return "\n".join(lines) + "\n"
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def create_app(backend: Any, *, model_name: str, default_max_tokens: int = 256,
+               max_body_bytes: int = 1 << 20):
+    """The FastAPI application serving ``backend.engine`` under ``model_name``."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    sv = ServeApp(backend, model_name, default_max_tokens, max_body_bytes)
+    app = FastAPI(title="lmx.serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = sv
+
+    def err(e: RequestError) -> JSONResponse:
+        return JSONResponse(e.payload(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = (f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else
+               f"method {request.method} is not allowed for {request.url.path}"
+               if exc.status_code == 405 else str(exc.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return err(RequestError(exc.status_code, msg, code=code, kind=kind))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        return err(RequestError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                kind="server_error"))
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                raise _bad(f"bad Content-Length {length!r}") from None
+            if n > max_body_bytes:
+                raise RequestError(413, f"request body of {n} bytes exceeds the limit of "
+                                   f"{max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise RequestError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def submit_all(reqs: list[GenRequest]):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        streams = []
+        try:
+            for i, r in enumerate(reqs):
+                streams.append(sv.engine.submit(
+                    r, lambda ev, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ev))))
+        except (TypeError, ValueError) as e:
+            for s in streams:
+                s.cancel()
+            raise _bad(str(e)) from None
+        return streams, q
+
+    async def gather(request: Request, reqs: list[GenRequest]):
+        """Wait for every choice; cancel all if the client disconnects meanwhile."""
+        streams, q = submit_all(reqs)
+        texts = [[] for _ in reqs]
+        lps = [[] for _ in reqs]
+        finals: list[Event | None] = [None] * len(reqs)
+        try:
+            while any(f is None for f in finals):
+                try:
+                    i, ev = await asyncio.wait_for(q.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                texts[i].append(ev.text)
+                lps[i] += ev.logprobs
+                if ev.finish_reason is not None:
+                    finals[i] = ev
+        finally:
+            for s in streams:
+                if not s.done.is_set():
+                    s.cancel()
+        for f in finals:
+            if f.finish_reason == "error":
+                raise RequestError(500, f"generation failed: {f.error}", kind="server_error")
+        return ["".join(t) for t in texts], lps, finals
+
+    def usage(finals: list[Event], prompt_lens: list[int]) -> dict:
+        p = sum(prompt_lens)
+        c = sum(f.completion_tokens for f in finals)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def stream_response(reqs, opts, chat: bool):
+        rid = (f"chatcmpl-{uuid.uuid4().hex[:24]}" if chat else f"cmpl-{uuid.uuid4().hex[:24]}")
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        streams, q = submit_all(reqs)
+        include_usage = opts["include_usage"]
+
+        def chunk(i, delta=None, text=None, lp=None, finish=None, lp_offset=0):
+            c = {"index": i, "finish_reason": finish}
+            if chat:
+                c["delta"] = delta
+                c["logprobs"] = sv.chat_logprobs(lp) if (opts["logprobs"] and lp is not None) else None
+            else:
+                c["text"] = text
+                c["logprobs"] = (sv.completion_logprobs(lp, lp_offset)
+                                 if (opts["logprobs"] and lp is not None) else None)
+            out = {"id": rid, "object": obj, "created": created, "model": model_name,
+                   "choices": [c]}
+            if include_usage:
+                out["usage"] = None
+            return _sse(out)
+
+        async def gen():
+            finals: list[Event | None] = [None] * len(reqs)
+            offsets = [0] * len(reqs)
+            try:
+                if chat:
+                    for i in range(len(reqs)):
+                        yield chunk(i, delta={"role": "assistant", "content": ""})
+                while any(f is None for f in finals):
+                    i, ev = await q.get()
+                    if ev.finish_reason == "error":
+                        yield _sse(RequestError(500, f"generation failed: {ev.error}",
+                                                kind="server_error").payload())
+                        return
+                    if ev.text or ev.logprobs:
+                        yield chunk(i, delta={"content": ev.text}, text=ev.text, lp=ev.logprobs,
+                                    lp_offset=offsets[i])
+                        offsets[i] += len(ev.text)
+                    if ev.finish_reason is not None:
+                        finals[i] = ev
+                        yield chunk(i, delta={}, text="", finish=ev.finish_reason)
+                if include_usage:
+                    yield _sse({"id": rid, "object": obj, "created": created, "model": model_name,
+                                "choices": [],
+                                "usage": usage(finals, [len(r.prompt) for r in reqs[::opts["n"]]])})
+                yield b"data: [DONE]\n\n"
+            finally:  # the client went away (or we are done): free every unfinished slot
+                for s in streams:
+                    if not s.done.is_set():
+                        s.cancel()
+
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            reqs, opts = sv.parse_chat(await read_json(request))
+            if opts["stream"]:
+                return stream_response(reqs, opts, chat=True)
+            texts, lps, finals = await gather(request, reqs)
+        except RequestError as e:
+            return err(e)
+        choices = [{"index": i, "message": {"role": "assistant", "content": t, "refusal": None},
+                    "logprobs": sv.chat_logprobs(lp) if opts["logprobs"] else None,
+                    "finish_reason": f.finish_reason}
+                   for i, (t, lp, f) in enumerate(zip(texts, lps, finals))]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                "created": int(time.time()), "model": model_name, "choices": choices,
+                "usage": usage(finals, [len(reqs[0].prompt)])}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            reqs, opts = sv.parse_completion(await read_json(request))
+            if opts["stream"]:
+                return stream_response(reqs, opts, chat=False)
+            texts, lps, finals = await gather(request, reqs)
+        except RequestError as e:
+            return err(e)
+        choices = [{"index": i, "text": t,
+                    "logprobs": sv.completion_logprobs(lp, 0) if opts["logprobs"] else None,
+                    "finish_reason": f.finish_reason}
+                   for i, (t, lp, f) in enumerate(zip(texts, lps, finals))]
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name, "choices": choices,
+                "usage": usage(finals, [len(r.prompt) for r in reqs[::opts["n"]]])}
+
+    @app.get("/v1/models")
+    async def models():
+        return sv.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            return err(RequestError(404, f"The model '{model_id}' does not exist",
+                                    param="model", code="model_not_found"))
+        return sv.model_card()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "warm": bool(sv.engine.warm)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(sv.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app
 
 
 class ChatServer:
-    """Serve ``backend`` under the model id ``model_name`` on ``host:port`` (0 = a free port).
+    """Serve ``backend`` (a :class:`~lmx.backends.LocalBackend`) on ``host:port`` (0 = a free port).
 
     Use as a context manager (``with ChatServer(b) as srv: srv.base_url``) or call
-    :meth:`start` / :meth:`stop`; :meth:`serve_forever` blocks (the CLI).
+    :meth:`start` / :meth:`stop`; :meth:`serve_forever` blocks (the CLI). ``warmup=True``
+    compiles every engine shape before the port opens. ``max_batch`` sets the requests per
+    ``generate_fn`` call of a backend without a slot engine (the slot engine's own ``n_slots``
+    bounds its batch).
     """
 
-    def __init__(self, backend: LocalBackend, *, model_name: str | None = None,
-                 host: str = "127.0.0.1", port: int = 0, max_batch: int = 8,
-                 batch_wait_s: float = 0.01, default_max_tokens: int = 256,
-                 max_body_bytes: int = 1 << 20, request_timeout_s: float = 600.0,
-                 verbose: bool = False):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    def __init__(self, backend: Any, *, model_name: str | None = None, host: str = "127.0.0.1",
+                 port: int = 0, max_batch: int | None = None, default_max_tokens: int = 256,
+                 max_body_bytes: int = 1 << 20, warmup: bool = False, verbose: bool = False):
+        import uvicorn
+
+        if max_batch is not None:
+            if not isinstance(max_batch, int) or max_batch < 1:
+                raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+            if hasattr(backend.engine, "max_batch"):
+                backend.engine.max_batch = max_batch
         self.backend = backend
+        self.engine = backend.engine
         self.model_name = model_name or backend.model_name
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_s
-        self.default_max_tokens = default_max_tokens
-        self.max_body_bytes = max_body_bytes
-        self.request_timeout_s = request_timeout_s
-        self.verbose = verbose
-        self.created = int(time.time())
-        self._seeds = itertools.count(int(time.time()) & 0xFFFF)
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the batches the worker ran (for tests/monitoring)
-        self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
-        self.httpd.daemon_threads = True
-        self._threads: list[threading.Thread] = []
+        self.warmup = warmup
+        self.app = create_app(backend, model_name=self.model_name,
+                              default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host = host
+        config = uvicorn.Config(self.app, log_level="info" if verbose else "warning",
+                                lifespan="off", timeout_keep_alive=30, access_log=verbose)
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1]
+        return self._sock.getsockname()[1]
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.httpd.server_address[0]}:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
-    # ------------------------------------------------------------------ lifecycle
     def start(self) -> Self:
-        worker = threading.Thread(target=self._worker, name="lmx-serve-worker", daemon=True)
-        http = threading.Thread(target=self.httpd.serve_forever, name="lmx-serve-http", daemon=True)
-        self._threads = [worker, http]
-        for t in self._threads:
-            t.start()
+        if self.warmup:
+            self.engine.warmup()
+        self.engine.start()
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="lmx-serve-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
         return self
 
     def serve_forever(self) -> None:
-        worker = threading.Thread(target=self._worker, name="lmx-serve-worker", daemon=True)
-        worker.start()
-        self._threads = [worker]
+        if self.warmup:
+            self.engine.warmup()
+        self.engine.start()
         try:
-            self.httpd.serve_forever()
+            self._server.run(sockets=[self._sock])
         finally:
-            self.stop()
+            self.engine.stop()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._queue.put(None)
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._sock.close()
+        self.engine.stop()
 
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    # ------------------------------------------------------------------ model worker
-    def submit(self, conversation: list, key: tuple) -> Future:
-        fut: Future = Future()
-        self._queue.put(_Job(conversation, key, fut))
-        return fut
-
-    def _worker(self) -> None:
-        held: list[_Job] = []  # jobs taken off the queue that did not fit the current batch
-        stopping = False
-        while True:
-            if held:
-                job = held.pop(0)
-            elif stopping:
-                return
-            else:
-                job = self._queue.get()
-                if job is None:
-                    return
-            batch = [job]
-            for other in list(held):
-                if other.key == job.key and len(batch) < self.max_batch:
-                    batch.append(other)
-                    held.remove(other)
-            deadline = time.monotonic() + self.batch_wait_s
-            while not stopping and len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                else:
-                    (batch if nxt.key == job.key else held).append(nxt)
-            self._run(batch)
-
-    def _run(self, batch: list[_Job]) -> None:
-        max_tokens, temperature, top_p, stop, seed, top_lp = batch[0].key
-        self.batches.append(len(batch))
-        try:
-            outs = self.backend.complete([j.conversation for j in batch], max_tokens=max_tokens,
-                                         temperature=temperature, top_p=top_p, stop=stop,
-                                         seed=seed, top_logprobs=top_lp)
-        except Exception as e:  # noqa: BLE001 - every waiting client must get an answer
-            for j in batch:
-                j.future.set_exception(e)
-            return
-        for j, out in zip(batch, outs):
-            j.future.set_result(out)
-
-    # ------------------------------------------------------------------ responses
-    def chat_response(self, out, key) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                  "finish_reason": out.finish_reason, "logprobs": None}
-        if key[5] is not None:
-            choice["logprobs"] = {"content": [
-                {"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                 "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
-                                  for a, alp in alts]}
-                for tok, lp, alts in (out.top_logprobs or ())]}
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-                "created": int(time.time()), "model": self.model_name, "choices": [choice],
-                "usage": {"prompt_tokens": out.prompt_tokens,
-                          "completion_tokens": out.completion_tokens,
-                          "total_tokens": out.prompt_tokens + out.completion_tokens}}
-
-    def models_response(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": self.created, "owned_by": "lmx"}]}
-
-
-def _make_handler(app: ChatServer):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "lmx-serve/0.1"
-
-        def log_message(self, fmt, *args):  # quiet unless asked: tests start many servers
-            if app.verbose:
-                super().log_message(fmt, *args)
-
-        def _send(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, err: RequestError) -> None:
-            self._send(err.status, err.payload())
-
-        def do_GET(self):
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if path == "/v1/models":
-                self._send(200, app.models_response())
-            elif path == f"/v1/models/{app.model_name}":
-                self._send(200, app.models_response()["data"][0])
-            elif path in ("/health", "/v1/health"):
-                self._send(200, {"status": "ok", "model": app.model_name})
-            elif path == "/v1/chat/completions":
-                self._error(RequestError(405, "use POST for /v1/chat/completions"))
-            else:
-                self._error(RequestError(404, f"no route for GET {path}", code="not_found",
-                                         kind="not_found_error"))
-
-        def do_POST(self):
-            path = self.path.split("?", 1)[0].rstrip("/")
-            try:
-                if path != "/v1/chat/completions":
-                    raise RequestError(404, f"no route for POST {path}", code="not_found",
-                                       kind="not_found_error")
-                body = self._read_json()
-                msgs, key = parse_chat_request(body, app.model_name, app.backend,
-                                               app.default_max_tokens, app._seeds)
-                fut = app.submit(msgs, key)
-                try:
-                    out = fut.result(timeout=app.request_timeout_s)
-                except TimeoutError:
-                    raise RequestError(503, "generation timed out", kind="server_error") from None
-                except (TypeError, ValueError) as e:
-                    raise _bad(str(e)) from None
-                except Exception as e:  # noqa: BLE001 - reported to the client as a 500
-                    raise RequestError(500, f"generation failed: {type(e).__name__}: {e}",
-                                       kind="server_error") from None
-                self._send(200, app.chat_response(out, key))
-            except RequestError as err:
-                self._error(err)
-
-        def _read_json(self) -> Any:
-            length = self.headers.get("Content-Length")
-            if length is None:
-                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length header is required")
-            try:
-                n = int(length)
-            except ValueError:
-                raise _bad(f"bad Content-Length {length!r}") from None
-            if n < 0 or n > app.max_body_bytes:
-                raise RequestError(413, f"request body of {n} bytes exceeds the limit of "
-                                   f"{app.max_body_bytes} bytes")
-            raw = self.rfile.read(n)
-            try:
-                return json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise _bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
-
-    return Handler

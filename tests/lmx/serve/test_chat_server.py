@@ -1,4 +1,5 @@
-"""The OpenAI-compatible server over real HTTP on 127.0.0.1 (scripted token model: no JAX compile)."""
+"""The OpenAI-compatible server over real HTTP on 127.0.0.1 (scripted token model behind the
+function engine: no JAX compile)."""
 import concurrent.futures as cf
 import http.client
 import json
@@ -22,7 +23,7 @@ def server():
     tok = byte_chat_tokenizer()
     tm = ScriptedTokenModel(tok, _reply)
     backend = LocalBackend(tok, tm.generate_fn, tm.logprobs_fn, max_seq_len=300, model_name="toy")
-    with ChatServer(backend, max_batch=8, batch_wait_s=0.05) as srv:
+    with ChatServer(backend, max_batch=8) as srv:
         srv.token_model = tm
         yield srv
 
@@ -65,8 +66,13 @@ def test_models_and_chat_roundtrip(server):
     ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens", None),
     ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}, 400, "max_tokens", None),
     ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop", None),
-    ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n", None),
-    ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream", None),
+    ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n", None),
+    ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream", None),
+    ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format", "unsupported_parameter"),
+    ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1}}, 400, "logit_bias",
+     "unsupported_parameter"),
+    ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "seed": 2 ** 64}, 400, "seed", None),
     ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400, "top_logprobs", None),
     ({"model": "toy", "messages": [{"role": "user", "content": "x" * 400}]}, 400, "messages", "context_length_exceeded"),
     ({"model": "toy", "messages": [{"role": "user", "content": "x"}], "max_tokens": 290}, 400, "messages", "context_length_exceeded"),
@@ -101,7 +107,7 @@ def test_malformed_json_wrong_route_and_method(server):
 
 def test_concurrent_requests_all_answered_and_batched(server):
     n = 24
-    before = len(server.batches)
+    before = len(server.engine.batches)
 
     def one(i):
         return _post(server, {"model": "toy", "max_tokens": 40, "temperature": 0,
@@ -111,7 +117,7 @@ def test_concurrent_requests_all_answered_and_batched(server):
         results = list(ex.map(one, range(n)))
     assert [r[0] for r in results] == [200] * n
     assert [r[1]["choices"][0]["message"]["content"] for r in results] == [f"echo[1]: q{i}" for i in range(n)]
-    sizes = server.batches[before:]
+    sizes = server.engine.batches[before:]
     assert sum(sizes) == n and max(sizes) > 1  # concurrent clients shared generate calls
 
 
