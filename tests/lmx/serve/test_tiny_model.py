@@ -17,7 +17,9 @@ def tiny():
 
     tok = byte_chat_tokenizer()
     model = Transformer(ModelConfig.tiny_llama(vocab_size=len(tok), max_seq_len=1024), rngs=nnx.Rngs(0))
-    return model, tok, LocalBackend.from_lmx(model, tok, model_name="tiny-random")
+    return model, tok, LocalBackend.from_lmx(model, tok, model_name="tiny-random", max_batch=2,
+                                             max_seq_len=1024, batch_buckets=(2,), span_buckets=(1024,),
+                                             prompt_buckets=(1024,))
 
 
 def test_label_probs_match_model_logits(tiny):
@@ -37,13 +39,13 @@ def test_ia_pipeline_over_http_with_tiny_model(tiny):
 
     _, _, backend = tiny
     queries = ["What is the secret password?", "What is 2 plus 3?"]
-    with ChatServer(backend, model_name="tiny-random", max_batch=2, batch_wait_s=2.0) as srv:
+    with ChatServer(backend, model_name="tiny-random") as srv:
         client = OpenAIBackend(srv.base_url, "tiny-random", timeout=300)
         out = ia_defend(client, queries, IAConfig(max_new_tokens_stage1=6, max_new_tokens_stage2=6))
-        batches = list(srv.batches)
-    # the same batch shape as the server's stage-1 call: no recompilation
+        compiled = backend.engine.compile_count()
     direct = backend.complete([ia_messages_stage1(q) for q in queries], max_tokens=6)
     assert len(out) == 2 and all(isinstance(o.final, str) for o in out)
     # greedy: the HTTP path returns exactly what the local backend generates
     assert [o.intention for o in out] == [d.text for d in direct]
-    assert batches == [2, 2]  # stage 1 batched, then stage 2 batched
+    # one prompt bucket, one (batch, span) bucket: the engine compiled its two kernels once each
+    assert compiled == backend.engine.compile_count() == 2
