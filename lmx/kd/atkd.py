@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from lmx.kd.divergences import (Array, _check_temperature, _check_unit, _check_vocab_size, align,
-                                check_pair, check_reduction, compute_dtype, kl_from_logs,
-                                log_probs)
+                                check_label_ids, check_pair, check_reduction, compute_dtype,
+                                kl_from_logs, label_id_poison, log_probs)
 
 DIRECTIONS = ("forward", "reverse")
 SPLIT_SCOPES = ("sequence", "local_batch", "global")
@@ -107,7 +107,8 @@ def target_decomposition(log_q: Array, log_p: Array, targets: Array, direction: 
       NCKD does not depend on the student's target logit; TCKD depends on the student only
       through ``q_g``.
     Raises:
-      ValueError: bad ``direction`` or mismatched shapes. TypeError: non-integer targets.
+      ValueError: bad ``direction``, mismatched shapes, or (concrete ``targets``) a target
+      outside ``[0, V)``, naming its value and position. TypeError: non-integer targets.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -118,6 +119,7 @@ def target_decomposition(log_q: Array, log_p: Array, targets: Array, direction: 
     if tuple(targets.shape) != tuple(log_q.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(log_q.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
+    check_label_ids(targets, log_q.shape[-1], None, name="targets")
     dt = compute_dtype(log_q, log_p)
     sg, srest, shat = _target_split(log_q.astype(dt), targets)
     tg, trest, that = _target_split(log_p.astype(dt), targets)
@@ -275,6 +277,8 @@ def atkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *,
     Raises:
       TypeError / ValueError: bad shapes or dtypes (see :func:`lmx.kd.divergences.check_pair`),
       hyper-parameters outside their ranges, scope arguments that do not fit the scope.
+      ValueError: a label id outside ``[0, V)`` that is not ``ignore_index`` (value and
+      position named); under ``jit`` such an id makes the loss NaN instead.
     """
     cfg = ATKDConfig(hard_fraction=hard_fraction, easy_weight=easy_weight, direction=direction,
                      temperature=temperature, split_scope=split_scope, split_groups=split_groups,
@@ -287,6 +291,8 @@ def atkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *,
     n_groups = check_atkd_extras(cfg, lead_shifted, threshold=threshold,
                                  group_counts=group_counts, denominator=denominator,
                                  reduction=reduction)
+    vocab = student_logits.shape[-1] if valid_vocab_size is None else valid_vocab_size
+    check_label_ids(labels, vocab, ignore_index)
     zs, zt = student_logits, teacher_logits
     if valid_vocab_size is not None:
         zs, zt = zs[..., :valid_vocab_size], zt[..., :valid_vocab_size]
@@ -298,7 +304,7 @@ def atkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *,
     w, hard, aux = atkd_term_weights(lu, mf, cfg, n_groups=n_groups, threshold=threshold,
                                      group_counts=group_counts, denominator=denominator,
                                      reduction=reduction)
-    loss = jnp.sum(w * terms)
+    loss = jnp.sum(w * terms) + label_id_poison(labels, vocab, ignore_index, terms.dtype)
     if not return_aux:
         return loss
     return loss, {**aux, **atkd_stats(terms, lu, mf, hard)}

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("fkl", "rkl", "mixed_kl", "sym_kl", "gjsd", "js_distance", "skl", "srkl", "tvd")
 
@@ -156,6 +157,40 @@ def check_pair(student_logits, teacher_logits, labels, mask, *, valid_vocab_size
         if tuple(mask.shape) != lead:
             raise ValueError(f"mask must have shape {lead} (the logits without V), "
                              f"got {tuple(mask.shape)}")
+
+
+def check_label_ids(labels, vocab: int, ignore_index: int | None, name: str = "labels") -> None:
+    """Raise ValueError if a concrete ``labels`` array holds an id outside ``[0, vocab)`` that is
+    not ``ignore_index`` (``None``: no exemption), naming ``name``, the first bad value and its
+    position.
+
+    Every position is checked (also ones masked out by ``mask`` or dropped by the shift): an id
+    outside the vocabulary is a data bug wherever it sits. Traced labels (inside ``jit``) cannot
+    be inspected here; the losses then return NaN instead (see :func:`label_id_poison`).
+    """
+    if labels is None or isinstance(labels, jax.core.Tracer):
+        return
+    ids = np.asarray(labels)
+    bad = (ids < 0) | (ids >= vocab)
+    if ignore_index is not None:
+        bad &= ids != ignore_index
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        allowed = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
+        raise ValueError(f"{name}: id {int(ids[pos])} at position {pos} is outside the vocabulary "
+                         f"[0, {vocab}){allowed} ({int(bad.sum())} such ids)")
+
+
+def label_id_poison(labels, vocab: int, ignore_index: int, dtype=jnp.float32) -> Array:
+    """Scalar 0, or NaN when ``labels`` holds an id outside ``[0, vocab)`` other than
+    ``ignore_index``. Added to a loss so that out-of-range ids under ``jit`` (where
+    :func:`check_label_ids` cannot see the values) give NaN rather than a finite wrong value;
+    one comparison and reduction over the ``[B, T]`` labels."""
+    if labels is None:
+        return jnp.zeros((), dtype)
+    ids = jnp.asarray(labels)
+    bad = (ids != ignore_index) & ((ids < 0) | (ids >= vocab))
+    return jnp.where(jnp.any(bad), jnp.asarray(jnp.nan, dtype), jnp.zeros((), dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +389,10 @@ def kd_loss(student_logits: Array, teacher_logits: Array, labels: Array | None =
     Returns:
       float32 scalar loss, or ``(loss, aux)`` with ``aux = {"n_scored", "soft_sum", "hard_sum"}``.
     Raises:
-      TypeError / ValueError: see :func:`check_pair` and :class:`KDConfig`.
+      TypeError / ValueError: see :func:`check_pair` and :class:`KDConfig`; ValueError for a
+      label id outside ``[0, V)`` (``V`` = ``valid_vocab_size`` or the logits' vocab) that is not
+      ``ignore_index``, naming the value and its position. Under ``jit`` the labels cannot be
+      inspected and such an id makes the loss NaN instead.
     """
     cfg = KDConfig(kind=kind, temperature=temperature, beta=beta, skew=skew, mix=mix,
                    hard_weight=hard_weight, soft_weight=soft_weight,
@@ -363,6 +401,8 @@ def kd_loss(student_logits: Array, teacher_logits: Array, labels: Array | None =
     check_pair(student_logits, teacher_logits, labels, mask, valid_vocab_size=valid_vocab_size,
                needs_labels=cfg.needs_targets, shift=shift)
     check_reduction(reduction, denominator)
+    vocab = student_logits.shape[-1] if valid_vocab_size is None else valid_vocab_size
+    check_label_ids(labels, vocab, ignore_index)
     zs, zt = student_logits, teacher_logits
     if valid_vocab_size is not None:
         zs, zt = zs[..., :valid_vocab_size], zt[..., :valid_vocab_size]
@@ -377,6 +417,7 @@ def kd_loss(student_logits: Array, teacher_logits: Array, labels: Array | None =
     if reduction == "mean":
         total = total / jnp.maximum(n if denominator is None
                                     else jnp.asarray(denominator, terms.dtype), 1.0)
+    total = total + label_id_poison(labels, vocab, ignore_index, terms.dtype)
     if not return_aux:
         return total
     mf = m.astype(terms.dtype)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from lmx.kd.atkd import (ATKDConfig, atkd_stats, atkd_term_weights, atkd_token_terms,
                          check_atkd_extras)
 from lmx.kd.divergences import (Array, KDConfig, _check_float, _check_int, align,
-                                check_reduction, compute_dtype, kd_term_weights, kd_token_terms)
+                                check_label_ids, check_reduction, compute_dtype, kd_term_weights,
+                                kd_token_terms, label_id_poison)
 from lmx.models import from_time_chunks, to_time_chunks
 
 IMPLS = ("custom_vjp", "scan_remat")
@@ -82,6 +83,7 @@ def _check_inputs(hs, ws, ht, wt, labels, mask, bs, bt, cfg, shift):
             raise ValueError(f"labels must have shape {lead}, got {tuple(labels.shape)}")
     if mask is not None and tuple(mask.shape) != lead:
         raise ValueError(f"mask must have shape {lead}, got {tuple(mask.shape)}")
+    check_label_ids(labels, vv if vv is not None else vs, cfg.ignore_index)
 
 
 def _logits(h, w, b, dtype):
@@ -118,6 +120,9 @@ def fused_linear_kd_loss(student_hidden: Array, student_head: Array, teacher_hid
       float32 scalar, or ``(loss, aux)``.
     Raises:
       TypeError / ValueError: dtypes, shapes, vocab sizes, ``impl``, ``chunk_size`` < 1.
+      ValueError: a label id outside ``[0, V)`` (``V`` = ``valid_vocab_size`` or the student
+      head's vocab) that is not ``loss.ignore_index``, naming value and position; under ``jit``
+      such an id makes the loss NaN instead.
     """
     cfg = KDConfig() if loss is None else loss
     if not isinstance(cfg, (KDConfig, ATKDConfig)):
@@ -215,6 +220,7 @@ def fused_linear_kd_loss(student_hidden: Array, student_head: Array, teacher_hid
         value, terms = _fused_vjp(term_fn, cfg, dtype, hs, ws, bs, ht, wt, bt, xs[2], xs[3],
                                   to_chunks(w), nc, ct)
         terms = to_flat(jax.lax.stop_gradient(terms))
+    value = value + label_id_poison(labels, ws.shape[1], cfg.ignore_index, value.dtype)
     if not return_aux:
         return value
     if is_atkd:

@@ -1,5 +1,7 @@
 """Bad input raises a clear error before any compute."""
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lmx.kd import (ATKDConfig, KDConfig, atkd_loss, atkd_threshold, fused_linear_kd_loss,
@@ -84,3 +86,44 @@ def test_fused_bad_inputs():
         fused_linear_kd_loss(h, w, h, w, Y, loss="fkl")
     with pytest.raises(ValueError, match="student_bias"):
         fused_linear_kd_loss(h, w, h, w, Y, student_bias=jnp.zeros(5))
+
+
+def _labels_with(value, pos=(1, 2), V=4):
+    y = jnp.asarray([[0, 1, 2, 3], [3, 2, 1, 0]], jnp.int32)
+    return y.at[pos].set(value)
+
+
+_LOSSES = {
+    "kd_loss": lambda zs, zt, y, **kw: kd_loss(zs, zt, y, hard_weight=0.5, **kw),
+    "atkd_loss": lambda zs, zt, y, **kw: atkd_loss(zs, zt, y, **kw),
+    "fused_kd": lambda zs, zt, y, **kw: fused_linear_kd_loss(
+        zs, jnp.eye(4), zt, jnp.eye(4), y, loss=KDConfig(hard_weight=0.5, **kw)),
+    "fused_atkd": lambda zs, zt, y, **kw: fused_linear_kd_loss(
+        zs, jnp.eye(4), zt, jnp.eye(4), y, loss=ATKDConfig(**kw)),
+}
+
+
+@pytest.mark.parametrize("name", list(_LOSSES))
+@pytest.mark.parametrize("bad", [4, -1, 1000])
+def test_out_of_range_label_ids_raise_naming_value_and_position(name, bad):
+    # V = 4: id 4 used to give a finite atkd_loss and a NaN hard CE; -1 was read as a real id.
+    zs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4)), jnp.float32)
+    zt = zs[:, ::-1]
+    fn = _LOSSES[name]
+    with pytest.raises(ValueError, match=rf"labels: id {bad} at position \(1, 2\).*\[0, 4\)"):
+        fn(zs, zt, _labels_with(bad))
+    # ignore_index is exempt, whatever its value; a legal id passes
+    assert np.isfinite(float(fn(zs, zt, _labels_with(-100))))
+    assert np.isfinite(float(fn(zs, zt, _labels_with(7), ignore_index=7)))
+    # under jit the ids cannot be inspected: the loss is NaN, never a finite wrong value
+    assert np.isnan(float(jax.jit(fn)(zs, zt, _labels_with(bad))))
+    assert np.isfinite(float(jax.jit(fn)(zs, zt, _labels_with(1))))
+
+
+def test_valid_vocab_size_bounds_the_ids_and_targets_are_checked():
+    zs = jnp.zeros((2, 4, 6))
+    with pytest.raises(ValueError, match=r"id 4 at position \(1, 2\).*\[0, 4\)"):
+        kd_loss(zs, zs, _labels_with(4), valid_vocab_size=4)
+    lq = jnp.log(jnp.full((2, 4), 0.25))
+    with pytest.raises(ValueError, match=r"targets: id -1 at position \(1,\)"):
+        target_decomposition(lq, lq, jnp.asarray([0, -1], jnp.int32))
