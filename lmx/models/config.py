@@ -17,8 +17,9 @@ class ModelConfig:
     ``arch="llama"``: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
     ``arch="gpt2"``: learned absolute positions, LayerNorm with bias, tanh-GELU MLP, biases.
 
-    Numerics (see ``lmx_core`` spec §2.3): parameters are stored in ``param_dtype``; matmuls run in
-    ``compute_dtype`` (``None`` = bf16 on GPU/TPU, f32 on CPU); norms, softmax and logits are f32.
+    Numerics: parameters are stored in ``param_dtype``; matmuls run in ``compute_dtype`` (``None``
+    = bf16 on GPU/TPU, f32 on CPU, where XLA's bf16 matmuls measured no faster than f32); norms,
+    softmax and logits are f32.
     ``scan_unroll``: layers are a ``lax.scan`` over stacked ``[L, ...]`` weights; ``None`` unrolls
     fully on CPU (measured +9-14 % train step) and keeps the rolled loop elsewhere.
     ``remat``: ``"none"``, ``"dots"`` (save matmul outputs) or ``"full"``.

@@ -4,7 +4,8 @@ Prompts are left-padded into a bucket of ``T_p`` columns (multiple of 16); the c
 ``S`` columns (multiple of 64), one compile per (bucket, sampling settings). Each row's RoPE
 positions count only its real tokens. Sampling: greedy (``temperature == 0``) or temperature
 with optional top-k and top-p (nucleus) filtering; rows stop at any of ``stop_tokens``.
-Design and measurements: spec ``lm_core`` §3.
+The decode step scans the layers rolled, with each layer's cache slice as a scanned input, so no
+slice is copied (see :meth:`lmx.models.Transformer.decode_step`); timings: ``docs/lm_core.md``.
 """
 from __future__ import annotations
 

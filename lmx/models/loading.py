@@ -4,7 +4,8 @@
   ``model.safetensors.index.json``) for ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` layouts.
 * ``load_gguf(path)``: llama.cpp GGUF (Llama architecture), dequantized with ``gguf``
   (F32/F16/BF16/Q4_0/Q4_1/Q5_x/Q8_0/K-quants), Q/K rows un-permuted back to HF's rotate-half
-  layout (spec ``lm_core`` §4.2), tokenizer and chat template rebuilt without torch (§4.4).
+  layout (llama.cpp's converter interleaves each head's RoPE pairs; un-permuting gives the same
+  weights as transformers' own GGUF import), tokenizer and chat template rebuilt without torch.
 * ``save_hf(model, path)``: HF layout (config.json + model.safetensors) that ``load_hf`` and
   transformers both read.
 * ``load(name_or_path)``: a registered name (``"smollm2-135m-instruct"``), a checkpoint
@@ -266,7 +267,12 @@ def _gguf_field(reader, key: str, default: Any = None) -> Any:
 
 
 def _gguf_tokenizer(reader) -> Any:
-    """Byte-level BPE tokenizer + ChatML template from GGUF metadata, without torch (§4.4)."""
+    """Byte-level BPE tokenizer + ChatML template from GGUF metadata, without torch.
+
+    transformers' own GGUF tokenizer loader imports torch; this builds the same tokenizer from
+    ``tokenizer.ggml.tokens``/``merges`` with ``tokenizers`` (digits split first, then the GPT-2
+    byte-level regex, as llama.cpp's ``smollm`` pre-tokenizer does).
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -4,9 +4,10 @@ One ``nnx.Param`` per weight kind holds every layer's copy, so the same tree ser
 ``lax.scan`` over layers (rolled on GPU, unrolled on CPU), KV-cache decoding and sharding by
 logical axis names (``logical_axes`` metadata, mapped to mesh axes by :mod:`lmx.parallel`).
 Projections are fused: one ``[d, (H + 2 Hkv) hd]`` QKV matmul and one ``[d, 2 I]`` gate|up matmul
-(measured +9-13 % on the CPU train step, ``lm_core`` spec §2.2).
+(fewer, larger GEMMs and fewer element-wise passes: measured +9-13 % on the CPU train step).
 
-References: Touvron et al. 2023 (Llama), Radford et al. 2019 (GPT-2), Su et al. 2021 (RoPE).
+References: Touvron et al. 2023 (Llama, arXiv:2302.13971), Radford et al. 2019 (GPT-2), Su et al.
+2021 (RoPE, arXiv:2104.09864).
 """
 from __future__ import annotations
 
@@ -279,7 +280,8 @@ class Transformer(nnx.Module):
         token, position: int [B]; cache_k/v: [L, B, S, Hkv, hd]; valid: bool [B, S] (cache
         columns this row may attend to). Returns (f32 logits [B, V], new k and v [L, B, Hkv, hd]).
         The new token attends to the masked cache plus itself as one extra logit column, so the
-        per-layer cache slice is read in place, never copied (spec ``lm_core`` §3).
+        per-layer cache slice is read in place, never copied (it is a scanned input of the rolled
+        layer scan).
         """
         cfg = self.cfg
         cdt = cfg.dtype_of_compute()

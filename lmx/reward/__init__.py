@@ -1,5 +1,6 @@
 """Reward models: Bradley-Terry RM, InfoRM variational bottleneck, ICDS/CSI overoptimization
-detector, best-of-n tools. Spec: ``../shared/specs/inform_icds.md``; docs: ``docs/reward.md``."""
+detector, best-of-n tools. InfoRM: Miao et al., NeurIPS 2024, arXiv:2402.09345; guide:
+``docs/reward.md``."""
 from lmx.reward.best_of_n import (best_of_n_draws, best_of_n_expectation, best_of_n_kl,
                                   best_of_n_weights)
 from lmx.reward.icds import (OveroptimizationMonitor, cluster_deviation_score, csi, default_eps,

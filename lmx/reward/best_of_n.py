@@ -1,4 +1,5 @@
-"""Best-of-n sampling against a proxy reward (Gao et al. 2210.10760 §2; Nakano et al. WebGPT).
+"""Best-of-n sampling against a proxy reward (Gao et al. 2022, arXiv:2210.10760, Sec. 2;
+Nakano et al. 2021, WebGPT, arXiv:2112.09332).
 
 The best-of-n policy draws ``n`` samples from the base policy and keeps the one with the highest
 proxy reward. Its KL from the base policy is ``log n - (n - 1) / n`` (Stiennon et al. 2020,

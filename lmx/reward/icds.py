@@ -1,8 +1,10 @@
 """ICDS / CSI: a reward-overoptimization detector in InfoRM's latent space, and an online monitor.
 
-Spec ``inform_icds.md`` §6 (InfoRM arXiv:2402.09345: "Integrated Cluster Deviation Score" in v1,
-"Cluster Separation Index" in v4/v5; we treat them as the same score [UNVERIFIED]). Given latents
-``R [N_r, K]`` of policy (RLHF) responses and ``S [N_s, K]`` of reference (SFT) responses:
+InfoRM (Miao et al., arXiv:2402.09345) calls it "Integrated Cluster Deviation Score" in v1 and
+"Cluster Separation Index" in v4/v5. Only the CSI formula below is written out in what we could
+read, and both names describe the same measurement (how far clusters of policy latents sit from
+the SFT latents), so we treat them as one score; that is not confirmed against the v1 text. Given
+latents ``R [N_r, K]`` of policy (RLHF) responses and ``S [N_s, K]`` of reference (SFT) responses:
 
 1. DBSCAN on ``R`` only (scikit-learn) -> clusters ``C_1..C_n`` (+ noise).
 2. ``c_i = mean(C_i)``; ``d_i = min_{s in S} ||c_i - s||_2`` (nearest single SFT sample).
@@ -47,7 +49,8 @@ def _min_dist(points: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def default_eps(reference: Any, min_samples: int = 5) -> float:
     """Scale-free DBSCAN radius: the median distance of each reference point to its
-    ``min_samples``-th nearest other reference point (spec §6.3, our default).
+    ``min_samples``-th nearest other reference point. The paper gives no DBSCAN ``eps``; ours
+    makes the score independent of the latent scale.
 
     Raises:
         ValueError: fewer than ``min_samples + 1`` reference points, or bad shape/values.
@@ -67,7 +70,8 @@ def project(policy: Any, reference: Any, space: str = "latent",
     """Map both latent sets into the clustering space, fitting projections on ``S u R`` jointly.
 
     ``"latent"``: identity. ``"pca:d"``: joint PCA to ``d`` dims. ``"tsne2d"``: joint 2-D t-SNE
-    (init=pca, random_state=seed), min-max scaled to [0, 1] as in the official plots (spec §6.3).
+    (init=pca, random_state=seed), min-max scaled to [0, 1] as in the official
+    plots (``openrlhf/eval/rlhf_dataset_tsne.py``).
     Raises ValueError for an unknown space.
     """
     r, s = _as_points("policy", policy), _as_points("reference", reference)
@@ -160,7 +164,8 @@ csi = cluster_deviation_score
 
 @dataclasses.dataclass
 class OveroptimizationMonitor:
-    """Online flag for a sudden rise of ICDS/CSI over a run (spec §6.5; thresholds are ours).
+    """Online flag for a sudden rise of ICDS/CSI over a run (the paper reports an abrupt
+    rise once hacking starts but gives no threshold; the rule and thresholds are ours).
 
     At each observation ``t`` (after ``window`` earlier ones) the monitor flags when
     ``CSI_t > tau_rel * median(CSI_{t-w..t-1})`` and ``CSI_t - CSI_{t-1} > tau_abs``. With latents,

@@ -1,6 +1,6 @@
 """Pairwise reward-model losses: Bradley-Terry, InfoRM's variational KL term, accuracy, stats.
 
-Conventions (spec ``inform_icds.md`` §1): ``r`` holds ``2B`` rewards, chosen first then
+Conventions: ``r`` holds ``2B`` rewards, chosen first then
 rejected (as in OpenRLHF's ``concatenated_forward``); per-pair arrays have length ``B``. All
 losses are computed in float32 whatever the input dtype. Value checks (NaN, sizes) run only on
 concrete arrays, i.e. outside ``jit``; shape checks run always.
@@ -59,8 +59,8 @@ def bradley_terry_loss(r_chosen: jax.Array, r_rejected: jax.Array,
     """Per-pair Bradley-Terry negative log-likelihood with an optional margin.
 
     ``L_b = -log sigma(r_c,b - r_r,b - m_b) = softplus(-(d_b - m_b))``. Identities: ``L(0) = ln 2``,
-    ``L(d) - L(-d) = -d``, ``dL/dd = -(1 - sigma(d))`` and ``L(d; m) = L(d - m; 0)`` (Llama-2
-    margin loss; OpenRLHF ``--margin_loss``; spec §3.2, §10 T6/T7).
+    ``L(d) - L(-d) = -d``, ``dL/dd = -(1 - sigma(d))`` and ``L(d; m) = L(d - m; 0)`` (Llama 2
+    margin loss, Touvron et al. 2023, arXiv:2307.09288, Sec. 3.2.2; OpenRLHF ``--margin_loss``).
 
     Args:
         r_chosen, r_rejected: float ``[B]`` rewards.
@@ -85,8 +85,9 @@ def bradley_terry_loss(r_chosen: jax.Array, r_rejected: jax.Array,
 def pair_accuracy(r_chosen: jax.Array, r_rejected: jax.Array) -> dict[str, jax.Array]:
     """Strict pairwise accuracy ``mean(r_c > r_r)``; ties count as wrong and are reported apart.
 
-    Same rule as TRL and OpenRLHF (spec §8, T7b). Returns ``{"acc": float32 scalar,
-    "ties": int32 scalar count}``. Raises ValueError as :func:`bradley_terry_loss`.
+    Same rule as TRL's ``RewardTrainer`` and OpenRLHF's ``rm_trainer.py``. Returns
+    ``{"acc": float32 scalar, "ties": int32 scalar count}``. Raises ValueError as
+    :func:`bradley_terry_loss`.
     """
     _check_pair(r_chosen, r_rejected)
     return {"acc": jnp.mean((r_chosen > r_rejected).astype(jnp.float32)),
@@ -103,9 +104,11 @@ def center_penalty(r_chosen: jax.Array, r_rejected: jax.Array) -> jax.Array:
 def gaussian_kl(mu: jax.Array, logvar: jax.Array, mode: str = "diag_sum") -> jax.Array:
     """KL of the diagonal-Gaussian posterior ``N(mu, diag(exp(logvar)))`` from the prior ``N(0, I)``.
 
-    * ``"diag_sum"`` (paper, default): ``1/2 sum_k (exp(l_k) + mu_k^2 - 1 - l_k)``.
+    * ``"diag_sum"`` (the paper's KL to the N(0, I) prior, default):
+      ``1/2 sum_k (exp(l_k) + mu_k^2 - 1 - l_k)``.
     * ``"diag_mean"``: the same divided by ``K``.
-    * ``"official_dimmean"`` (parity with the official InfoRM code, spec §3.2): average ``mu`` and
+    * ``"official_dimmean"`` (parity with the official InfoRM code,
+      ``openrlhf/models/model_inform.py``): average ``mu`` and
       ``logvar`` over the K dims first, then the 1-D KL of those means:
       ``-1/2 (1 + l_bar - mu_bar^2 - exp(l_bar))``. Not a KL of the posterior (zero for
       ``mu = [1, -1]``).
@@ -138,7 +141,7 @@ def reward_pair_losses(r: jax.Array, *, margin: jax.Array | None = None,
                        pair_reduction: str = "sum_pair") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-pair training loss of a standard RM (``mu=None``) or of InfoRM, plus per-pair terms.
 
-    Standard RM: ``L_b = BT_b + c * (r_c,b + r_r,b)^2``. InfoRM (spec §3.1) adds
+    Standard RM: ``L_b = BT_b + c * (r_c,b + r_r,b)^2``. InfoRM (the paper's variational bound) adds
     ``beta * (KL_c,b + KL_r,b)`` (``pair_reduction="sum_pair"``, paper) or
     ``beta * (KL_c,b + KL_r,b) / 2`` (``"mean_2B"``: the official code averages the KL over all
     2B samples). Averaging ``L_b`` over pairs gives the paper's batch loss; returning per-pair
@@ -179,8 +182,9 @@ def reward_pair_losses(r: jax.Array, *, margin: jax.Array | None = None,
 
 
 def reward_stats(rewards: Any) -> dict[str, float]:
-    """Mean and std of eval-set rewards for post-hoc normalisation (spec §3.3, OpenRLHF
-    ``rm_trainer.evaluate``: computed over chosen+rejected rewards, stored with the model).
+    """Mean and std of eval-set rewards for post-hoc normalisation (OpenRLHF and the
+    official InfoRM ``rm_trainer.evaluate``: computed over chosen+rejected rewards, stored with the
+    model).
 
     Args:
         rewards: float array of any shape (flattened), at least 2 values, finite.

@@ -1,10 +1,11 @@
 """Reward-model modules: a scalar head (standard RM) and InfoRM's variational bottleneck head,
 wrapped around any backbone that maps ``(tokens, attention_mask) -> hidden [B, T, D]``.
 
-References: spec ``inform_icds.md`` §2 (architecture), §3.3 (eval reward); InfoRM
-(arXiv:2402.09345) Fig. 1. Heads act on the pooled last-token state ``h_last [N, D]``: the
-official code projects every position and gathers afterwards; the head is per-token linear, so
-gather-then-project is equal and cheaper (spec §2.2, T8).
+References: InfoRM (Miao et al., arXiv:2402.09345) Fig. 1 (the encoder replaces the standard RM's
+final layer; an MLP decoder maps the latent to the reward) and the official code
+(github ``miaoyuchun/InfoRM``, ``openrlhf/models/model_inform.py``). Heads act on the pooled
+last-token state ``h_last [N, D]``: the official code projects every position and gathers
+afterwards; the head is per-token linear, so gather-then-project is equal and cheaper (tested).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ DECODERS = ("linear", "swiglu", "mlp")
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Head and loss settings of a reward model (spec §11; defaults = paper / official CLI).
+    """Head and loss settings of a reward model. Defaults K = 128, beta = 0.1 are the official
+    CLI defaults (``--latent_dim``, ``--kl_loss_coef``), inside the paper's ablation grid.
 
     head: ``"scalar"`` (standard BT RM, bias-free ``Linear(D, 1)``) or ``"inform"``.
     latent_dim: IB dimensionality K. beta: KL weight. decoder: ``"linear"`` (official default,
@@ -86,7 +88,7 @@ def _check_h(h_last: jax.Array, d_in: int) -> None:
 
 class ScalarHead(nnx.Module):
     """Standard RM head ``r = h_last @ w``, bias-free, ``w ~ N(0, 1/(D+1))`` so initial rewards
-    are ~0 (OpenRLHF value-head init, spec §8). ``rng`` is accepted and ignored."""
+    are ~0 (OpenRLHF's value-head init). ``rng`` is accepted and ignored."""
 
     def __init__(self, d_in: int, *, rngs: nnx.Rngs):
         self.d_in = d_in
@@ -98,7 +100,7 @@ class ScalarHead(nnx.Module):
 
 
 class InfoHead(nnx.Module):
-    """InfoRM variational information-bottleneck head (spec §2.2-2.4).
+    """InfoRM variational information-bottleneck head (paper Fig. 1; official ``model_inform.py``).
 
     Encoder ``W_enc [D, 2K]`` (bias-free): ``[mu | logvar] = h_last @ W_enc``. With ``rng``
     (training) ``z = mu + exp(logvar/2) * eps``, ``eps ~ N(0, I_K)`` drawn for the whole ``[N, K]``

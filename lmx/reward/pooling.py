@@ -1,4 +1,4 @@
-"""Last-token pooling for reward models (spec ``inform_icds.md`` §2.5, §8, T8-T11).
+"""Last-token pooling for reward models (as OpenRLHF and the official InfoRM code pool).
 
 The reward is read at the last *real* token (the appended EOS), found from the attention mask,
 never from token ids: with ``pad_token_id == eos_token_id`` the HF id-based rule ("rightmost token

@@ -3,9 +3,9 @@ evaluation, reward normalisation, latent export, save/load.
 
 Batches are dicts of numpy arrays ``chosen_tokens/chosen_mask/rejected_tokens/rejected_mask
 [B, T]`` (+ optional ``margin [B]``); chosen and rejected share ``T`` so they concatenate into one
-``[2B, T]`` forward (chosen first, spec §1). The loss function returns ``(sum over pairs of the
-per-pair loss, B, metric sums)``, so the trainer's "sum / global count" is the paper's batch mean
-for any micro-batching.
+``[2B, T]`` forward (chosen first, as OpenRLHF's ``concatenated_forward``). The loss function
+returns ``(sum over pairs of the per-pair loss, B, metric sums)``, so the trainer's "sum / global
+count" is the paper's batch mean for any micro-batching.
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
                   multiple: int = 8) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Token-id pairs -> a padded pair batch, EOS appended, over-long pairs dropped.
 
-    Each sequence (prompt + response ids) gets ``eos_id`` appended (spec §2.5, as the official
-    dataset does); pairs where either side then exceeds ``max_len`` are dropped (TRL/OpenRLHF).
-    Both sides are padded with ``pad_id`` on ``side`` to one length ``T`` (a multiple of
-    ``multiple``, at most ``max_len``).
+    Each sequence (prompt + response ids) gets ``eos_id`` appended (as the official InfoRM
+    dataset code does, ``datasets/reward_dataset.py``); pairs where either side then exceeds
+    ``max_len`` are dropped (TRL/OpenRLHF). Both sides are padded with ``pad_id`` on ``side`` to
+    one length ``T`` (a multiple of ``multiple``, at most ``max_len``).
 
     Returns:
         ``(batch, kept)``: batch dict of int32 tokens / bool masks ``[B', T]`` (+ float32
@@ -128,10 +128,11 @@ def reward_loss_fn(model: RewardModel, batch: dict[str, Any],
                    rng: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """``loss_fn`` for ``lmx.train.train``: ``(sum_b L_b, B, metrics)``.
 
-    ``L_b`` = BT (+ margin, + centering) (+ ``beta`` KL for InfoRM), spec §3; the trainer divides
-    the summed loss by the global pair count. Metrics are micro-batch means (the trainer averages
-    them over micro-batches): ``pref_loss``, ``kl``, ``acc`` (strict ``r_c > r_r``), ``tie_rate``,
-    ``r_chosen``, ``r_rejected``.
+    ``L_b`` = BT (+ margin, + centering) (+ ``beta`` KL for InfoRM; see
+    :func:`lmx.reward.losses.reward_pair_losses`); the trainer divides the summed loss by the global
+    pair count. Metrics are micro-batch means (the trainer averages them over micro-batches):
+    ``pref_loss``, ``kl``, ``acc`` (strict ``r_c > r_r``), ``tie_rate``, ``r_chosen``,
+    ``r_rejected``.
 
     Usage::
 
@@ -177,8 +178,9 @@ def evaluate(model: RewardModel, batches: Iterable[dict[str, Any]]) -> dict[str,
 
 
 def fit_reward_normalization(model: RewardModel, batches: Iterable[dict[str, Any]]) -> dict:
-    """Set ``model.norm_mean/std`` from eval-set chosen+rejected rewards (spec §3.3; OpenRLHF
-    stores them in the config at the end of evaluation). Returns the stats."""
+    """Set ``model.norm_mean/std`` from eval-set chosen+rejected rewards (as OpenRLHF and the
+    official InfoRM ``rm_trainer.evaluate`` do; they store them in the config at the end of
+    evaluation). Returns the stats."""
     stats = reward_stats(evaluate(model, batches)["rewards"])
     model.norm_mean, model.norm_std = stats["mean"], stats["std"]
     return stats
@@ -186,8 +188,9 @@ def fit_reward_normalization(model: RewardModel, batches: Iterable[dict[str, Any
 
 def encode_latents(model: RewardModel, tokens: Any, attention_mask: Any,
                    batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Eval-mode InfoRM outputs for ICDS/CSI (spec §6.1): ``{"mu" [N, K], "logvar" [N, K],
-    "reward" [N]}`` as float32 numpy. Raises ValueError for a scalar-head model or empty rows."""
+    """Eval-mode InfoRM outputs for ICDS/CSI (``mu`` at the EOS is the latent):
+    ``{"mu" [N, K], "logvar" [N, K], "reward" [N]}`` as float32 numpy. Raises ValueError for a
+    scalar-head model or empty rows."""
     if model.cfg.head != "inform":
         raise ValueError("encode_latents needs an InfoRM model (cfg.head == 'inform')")
     tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask)

@@ -7,7 +7,7 @@ from lmx.reward.icds import OveroptimizationMonitor, csi, cluster_deviation_scor
 
 
 def test_duplicated_reference_latents_score_zero():
-    # Spec T12: every one of 20 SFT points repeated 5x -> 20 clusters sitting on SFT points.
+    # Every one of 20 SFT points repeated 5x -> 20 clusters sitting on SFT points.
     s = np.random.default_rng(0).normal(size=(20, 16))
     r = np.repeat(s, 5, axis=0)
     out = csi(r, s, eps=1e-6, min_samples=5)
@@ -16,7 +16,8 @@ def test_duplicated_reference_latents_score_zero():
 
 
 def test_planted_outlier_cluster_adds_size_times_distance():
-    # Spec T13.
+    # A tight planted cluster of m points far from the SFT cloud adds exactly m times the distance
+    # from its centroid to the nearest SFT point; the in-distribution base score stays small.
     rng = np.random.default_rng(1)
     s = rng.normal(scale=0.3, size=(200, 2))
     r = rng.normal(scale=0.3, size=(200, 2))
@@ -68,7 +69,7 @@ def test_projected_spaces_run():
 
 
 def test_monitor_flags_jump_exactly():
-    # Spec T16: flat series, then x3 at t*.
+    # Flat series, then x3 at t*: flagged exactly at t*.
     series = [1.0, 1.05, 0.97, 1.02, 0.99, 1.01, 3.1, 3.2, 3.0]
     mon = OveroptimizationMonitor(tau_rel=2.0, tau_abs=0.5, window=3)
     flags = [mon.observe(10 * t, v) for t, v in enumerate(series)]

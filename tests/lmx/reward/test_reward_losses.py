@@ -8,7 +8,7 @@ from lmx.reward.losses import (bradley_terry_loss, center_penalty, gaussian_kl, 
 
 
 def test_kl_closed_form_matches_monte_carlo():
-    # Spec T1: K=8, E_q[log q - log p] from 2e5 samples within 0.5% of the closed form.
+    # K=8, E_q[log q - log p] from 2e5 samples within 0.5% of the closed form.
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     mu = jax.random.normal(k1, (1, 8))
     logvar = 0.5 * jax.random.normal(k2, (1, 8))
@@ -35,14 +35,14 @@ def test_kl_zero_at_prior_positive_elsewhere_additive():
 
 
 def test_kl_official_parity_mode():
-    # Spec T3: mu = [1, -1], logvar = 0 -> diag_sum 1.0, official_dimmean 0.0 exactly.
+    # mu = [1, -1], logvar = 0 -> diag_sum 1.0, official_dimmean 0.0 exactly.
     mu, lv = jnp.array([[1.0, -1.0]]), jnp.zeros((1, 2))
     assert float(gaussian_kl(mu, lv, "diag_sum")[0]) == 1.0
     assert float(gaussian_kl(mu, lv, "official_dimmean")[0]) == 0.0
 
 
 def test_kl_gradient_is_beta_mu():
-    # Spec T5: d/dmu of beta*KL (diag_sum) = beta*mu.
+    # d/dmu of beta*KL (diag_sum) = beta*mu.
     mu = jnp.array([[0.5, -2.0, 1.5]])
     lv = jnp.array([[0.1, 0.2, -0.3]])
     beta = 0.1

@@ -1,5 +1,5 @@
 """RM training on the shared loop: a sharded step (8 fake CPU devices, data x fsdp x tensor) equals
-the 1-device step (spec §8.1), and training through ``lmx.train.train`` learns."""
+the 1-device step (heads replicated, backbone sharded), and training through ``lmx.train.train`` learns."""
 import dataclasses
 
 import jax
