@@ -12,7 +12,10 @@ import pathlib
 import sys
 import time
 
+import jax
+
 from benchmarks import common
+from lmx.parallel import initialize_distributed
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
 log = logging.getLogger("benchmarks")
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="quick", help="a preset of configs/bench/<suite>.json (quick, full, gpu, ...)")
     ap.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR)
     args = ap.parse_args(argv)
+    # joins a multi-process launch (SLURM, Open MPI, multi-host TPU, or a named coordinator);
+    # a no-op on one process
+    if initialize_distributed():
+        log.info("process %d of %d", jax.process_index(), jax.process_count())
     if args.suite == "list":
         print("\n".join(available_suites()))
         return 0

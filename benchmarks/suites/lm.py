@@ -307,5 +307,4 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 summary.append({"bench": "MFU " + " ".join(f"{k}={v}" for k, v in r["setting"].items()),
                                 "ours_tok_s": r.get("tok_s"), "mfu": r.get("mfu"),
                                 "temp_gib": r.get("temp_gib"), "error": r.get("error")})
-    return {"summary": summary, "details": details,
-            "allocator": os.environ.get("LD_PRELOAD", "") or "glibc"}
+    return {"summary": summary, "details": details}

@@ -257,6 +257,13 @@ def _row_order(n_rows: int, steps: int, batch_size: int, seed: int) -> np.ndarra
     return order[:need].reshape(steps, batch_size)
 
 
+def _process_rows(step_rows: np.ndarray) -> np.ndarray:
+    """This process's contiguous block of a step's row indices: in a multi-process run each host
+    loads and feeds only its own rows (``lmx.parallel.shard_batch`` joins them)."""
+    per = len(step_rows) // jax.process_count()
+    return step_rows[jax.process_index() * per:(jax.process_index() + 1) * per]
+
+
 def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg: DistillConfig, *,
             teacher_hidden: np.ndarray | None = None, mesh=None, pad_id: int = 0,
             eos_id: int | None = None, data_seed: int = 0) -> DistillResult:
@@ -265,7 +272,9 @@ def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg:
     Args:
       teacher_hidden: optional cached :func:`teacher_hidden_states` of ``tokens`` (off-policy rows
         are identical across runs, so benchmarks compute them once).
-      mesh: ``lmx.parallel`` mesh; batch rows are sharded over ``data`` x ``fsdp``.
+      mesh: ``lmx.parallel`` mesh; batch rows are sharded over ``data`` x ``fsdp``. In a
+        multi-process run (``lmx.parallel.initialize_distributed``) every process passes the same
+        ``tokens`` and feeds only its own block of each step's rows (off-policy only).
       pad_id / eos_id: padding for on-policy rows cut short by ``eos_id`` (then masked).
     Returns:
       :class:`DistillResult` with the trained student (the same object, updated in place).
@@ -285,6 +294,12 @@ def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg:
         raise ValueError(f"teacher_hidden {teacher_hidden.shape} does not match tokens "
                          f"{tokens.shape}")
     tc = cfg.train
+    if cfg.batch_size % jax.process_count():
+        raise ValueError(f"batch_size={cfg.batch_size} does not split over "
+                         f"{jax.process_count()} processes")
+    if cfg.source != "off_policy" and jax.process_count() > 1:
+        raise ValueError(f"source={cfg.source!r} samples from the student on one process; "
+                         f"multi-process distillation supports source='off_policy'")
     rows = _row_order(len(tokens), tc.steps, cfg.batch_size, data_seed)
     coin = np.random.default_rng(data_seed + 1).random(tc.steps)
     on_policy = (np.ones(tc.steps, bool) if cfg.source == "on_policy"
@@ -301,7 +316,7 @@ def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg:
     full = np.ones(tokens.shape[1], bool)
 
     def off_policy_batch(step):
-        idx = rows[step]
+        idx = _process_rows(rows[step])
         x = tokens[idx]
         h = hidden[idx] if hidden is not None else teacher_hidden_states(teacher, x)
         return {"tokens": x, "mask": np.broadcast_to(full, x.shape).copy(), "labels": x.copy(),

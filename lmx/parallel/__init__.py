@@ -5,8 +5,12 @@ Parameters carry logical axis names in their ``logical_axes`` metadata (e.g. ``(
 ``tensor`` (MaxText style). A dimension whose size does not divide by its mesh axes is left
 replicated, so any model runs on any mesh (GSPMD keeps results identical; only speed changes).
 
-Multi-host: call :func:`initialize_distributed` once per process (one process per host) before
-building the mesh; :func:`make_mesh` then spans every process's devices and the same code runs.
+Multi-host (one process per host, JAX's own runtime): call :func:`initialize_distributed` first
+thing in the program. It joins the processes through ``jax.distributed.initialize`` when a
+coordinator is named or a cluster launcher is detected (SLURM, Open MPI, multi-host cloud TPU),
+and is a no-op on a single process. :func:`make_mesh` / :func:`mesh_from_spec` then span every
+process's devices, and :func:`shard_batch` assembles the global batch from each process's own
+rows (``jax.make_array_from_process_local_data``): a host loads only its part of the data.
 """
 from __future__ import annotations
 
@@ -36,18 +40,61 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
 }
 
 
-def initialize_distributed(**kwargs: Any) -> None:
-    """``jax.distributed.initialize`` when launched multi-host (coordinator env vars set).
+# Variables that a multi-process launch sets and ``jax.distributed.initialize()`` reads on its own
+# (its cluster auto-detection); the value is the variable holding the number of processes.
+CLUSTER_PROCESS_COUNT_VARS = {
+    "SLURM_JOB_ID": "SLURM_NTASKS",
+    "OMPI_MCA_orte_hnp_uri": "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES": "TPU_WORKER_HOSTNAMES",
+}
+COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
-    On a single process this is a no-op, so scripts can call it unconditionally.
+
+def cluster_detected(environ: Mapping[str, str] | None = None) -> str | None:
+    """The launcher that started this process as one of several (``"SLURM_JOB_ID"``, ...), or None.
+
+    A one-task SLURM job or a single TPU host is not a multi-process launch.
     """
-    if kwargs or os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(**kwargs)
+    env = os.environ if environ is None else environ
+    for marker, count_var in CLUSTER_PROCESS_COUNT_VARS.items():
+        if marker not in env:
+            continue
+        count = env.get(count_var, "")
+        n = len(count.split(",")) if count_var == "TPU_WORKER_HOSTNAMES" else (
+            int(count) if count.isdigit() else 0)
+        if n > 1:
+            return marker
+    return None
+
+
+def initialize_distributed(**kwargs: Any) -> bool:
+    """Join this process to a multi-process JAX run; returns whether one is running.
+
+    Calls ``jax.distributed.initialize(**kwargs)`` when ``kwargs`` are given (e.g.
+    ``coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0``), when a coordinator
+    variable (:data:`COORDINATOR_VARS`) is set, or when :func:`cluster_detected` finds a
+    multi-process launcher; JAX then reads the rest from the launcher's environment. On one
+    process it does nothing, so programs call it unconditionally, before anything else touches
+    JAX devices. Calling it again is a no-op. CPU processes exchange collectives over gloo.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if not (kwargs or any(os.environ.get(v) for v in COORDINATOR_VARS) or cluster_detected()):
+        return False
+    # CPU backends need a cross-process collectives library; GPU/TPU backends ignore this flag
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    return True
 
 
 def make_mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh with Auto axes (GSPMD). ``data=None`` takes all remaining devices."""
+    """A ``(data, fsdp, tensor)`` mesh with Auto axes (GSPMD). ``data=None`` takes all remaining devices.
+
+    Devices are laid out by ``jax.make_mesh`` (topology-aware, and across every process of a
+    multi-host run); ``devices`` restricts the mesh to the first ``data*fsdp*tensor`` of those given.
+    """
     devices = list(devices if devices is not None else jax.devices())
     for name, v in (("fsdp", fsdp), ("tensor", tensor)):
         if not isinstance(v, int) or v < 1:
@@ -60,8 +107,49 @@ def make_mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1,
     if n > len(devices) or n < 1:
         raise ValueError(f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} = {n} needs {n} devices, "
                          f"have {len(devices)}")
-    grid = np.asarray(devices[:n], dtype=object).reshape(data, fsdp, tensor)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices[:n])
+
+
+def mesh_from_spec(spec: str | Mapping[str, int] | None = None,
+                   devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from ``"data=2,fsdp=4,tensor=1"`` (or a dict of the same); a missing ``data`` takes
+    the remaining devices, a missing ``fsdp``/``tensor`` is 1; ``None`` or ``""``: all devices on ``data``.
+
+    Raises:
+      ValueError: an unknown axis, a repeated axis, a size that is not a positive int, or sizes
+        whose product does not fit the devices.
+    """
+    if spec is None or spec == "":
+        sizes: dict[str, int] = {}
+    elif isinstance(spec, str):
+        sizes = {}
+        for part in spec.split(","):
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or name not in MESH_AXES or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"mesh spec {spec!r}: each part must be <axis>=<int> with axis in "
+                                 f"{MESH_AXES}, got {part!r}")
+            if name in sizes:
+                raise ValueError(f"mesh spec {spec!r} names axis {name!r} twice")
+            sizes[name] = int(value)
+    elif isinstance(spec, Mapping):
+        sizes = dict(spec)
+        unknown = set(sizes) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh spec {spec!r}: unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
+    else:
+        raise TypeError(f"mesh spec must be a str, a mapping or None, got {type(spec).__name__}")
+    for name, v in sizes.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"mesh spec {spec!r}: {name} must be a positive int, got {v!r}")
+    return make_mesh(sizes.get("data"), sizes.get("fsdp", 1), sizes.get("tensor", 1), devices=devices)
+
+
+def describe_mesh(mesh: Mesh) -> dict[str, Any]:
+    """What a result file records about where a run ran: axis sizes, devices, processes."""
+    return {"axes": {name: int(size) for name, size in mesh.shape.items()}, "devices": int(mesh.size),
+            "process_count": jax.process_count(), "device_kind": mesh.devices.flat[0].device_kind}
 
 
 def single_device_mesh() -> Mesh:
@@ -133,18 +221,40 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0,
     return NamedSharding(mesh, P(*spec))
 
 
+def _local_batch_shards(sharding: NamedSharding, ndim: int, batch_axis: int, n: int) -> int:
+    """How many distinct batch shards live on this process's devices."""
+    shape = [1] * ndim
+    shape[batch_axis] = n
+    index = sharding.addressable_devices_indices_map(tuple(shape))
+    return len({idx[batch_axis].indices(n)[0] for idx in index.values()})
+
+
 def shard_batch(batch: Any, mesh: Mesh, batch_axis: int = 0,
                 rules: Mapping[str, Any] = DEFAULT_RULES) -> Any:
-    """``device_put`` every array of ``batch`` sharded on ``batch_axis`` per the ``"batch"`` rule;
-    sizes must divide (``ValueError`` naming the shape otherwise)."""
-    n = _axis_size(mesh, _batch_axes(rules))
+    """Global arrays from this process's rows of ``batch``, sharded on ``batch_axis`` per the
+    ``"batch"`` rule (``jax.make_array_from_process_local_data``).
+
+    On one process ``batch`` is the whole batch. In a multi-process run each process passes only
+    its own rows (its contiguous block, in process order) and the global batch is their
+    concatenation: no host holds or transfers the others' data, and no cross-host check runs.
+
+    Raises:
+      ValueError: an array whose ``batch_axis`` size does not split evenly over this process's
+        batch shards (naming its shape and the mesh axes), before anything is placed.
+    """
+    axes = _batch_axes(rules)
+    n = _axis_size(mesh, axes)
 
     def put(x):
         x = np.asarray(x)
-        if x.ndim <= batch_axis or x.shape[batch_axis] % n:
-            raise ValueError(f"batch array of shape {x.shape} cannot be split {n} ways along axis "
-                             f"{batch_axis} (mesh axes {_batch_axes(rules)} of size {n})")
-        return jax.device_put(x, batch_sharding(mesh, x.ndim, batch_axis, rules))
+        if x.ndim <= batch_axis:
+            raise ValueError(f"batch array of shape {x.shape} has no axis {batch_axis} to shard")
+        sharding = batch_sharding(mesh, x.ndim, batch_axis, rules)
+        local = _local_batch_shards(sharding, x.ndim, batch_axis, n)
+        if x.shape[batch_axis] % local:
+            raise ValueError(f"batch array of shape {x.shape} cannot be split {local} ways along axis "
+                             f"{batch_axis} (mesh axes {axes} of size {n}, {local} on this process)")
+        return jax.make_array_from_process_local_data(sharding, x)
     return jax.tree.map(put, batch)
 
 
@@ -257,7 +367,8 @@ class TunedJit:
         return self.compile(*args)(*args)
 
 
-__all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "initialize_distributed", "make_mesh",
+__all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "CLUSTER_PROCESS_COUNT_VARS", "COORDINATOR_VARS",
+           "cluster_detected", "initialize_distributed", "make_mesh", "mesh_from_spec", "describe_mesh",
            "single_device_mesh", "logical_to_spec", "state_shardings", "shard_model", "batch_sharding",
            "shard_batch", "replicated", "ONEDNN_MATMUL_OPTIONS", "ONEDNN_VERIFIED_JAXLIB", "cpu_compiler_options",
            "onednn_fusions_supported", "TunedJit"]

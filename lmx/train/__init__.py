@@ -10,9 +10,12 @@ divides by the global count, so gradient accumulation and data parallelism give 
 gradient of the global token mean (the mean of micro-batch means would weight short
 micro-batches up). ``metrics`` is a dict of scalars, averaged over micro-batches.
 
-``get_batch(step) -> dict of arrays [global_batch, ...]`` must be deterministic in ``step``:
+``get_batch(step) -> dict of arrays [batch, ...]`` must be deterministic in ``step``:
 the step number is the data position stored in the checkpoint, so a resumed run sees the same
-data. The per-step PRNG key is ``fold_in(PRNGKey(seed), step)`` for the same reason.
+data. The per-step PRNG key is ``fold_in(PRNGKey(seed), step)`` for the same reason. In a
+multi-process run (``lmx.parallel.initialize_distributed``) each process's ``get_batch`` returns
+only its own rows, and the global batch is their concatenation in process order
+(``lmx.parallel.shard_batch``); a checkpoint written by N processes resumes on any mesh.
 
 Checkpoints (orbax ``CheckpointManager``) hold params, optimizer state and
 ``{"step", "losses"}``; ``train`` resumes from the latest one in ``ckpt_dir``.

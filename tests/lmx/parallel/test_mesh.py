@@ -76,3 +76,36 @@ def test_sharded_step_equals_single_device_step():
     assert max(diffs) <= 1e-5
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 1e-3  # gradients are not trivially 0
 
+
+
+def test_mesh_from_spec_parses_sizes_and_rejects_bad_specs():
+    from lmx.parallel import describe_mesh, mesh_from_spec
+
+    assert dict(mesh_from_spec("data=2,fsdp=4,tensor=1").shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh_from_spec("fsdp=2, tensor=2").shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh_from_spec({"tensor": 8}).shape) == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert dict(mesh_from_spec(None).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    info = describe_mesh(mesh_from_spec("data=4,fsdp=2"))
+    assert info["axes"] == {"data": 4, "fsdp": 2, "tensor": 1} and info["process_count"] == 1
+    for bad, msg in [("data=2,pipe=4", "axis"), ("data=two", "axis"), ("data=2,data=4", "twice"),
+                     ("fsdp=0", "positive"), ("data=4,fsdp=4", "needs 16 devices"), ({"pipe": 2}, "unknown")]:
+        with pytest.raises(ValueError, match=msg):
+            mesh_from_spec(bad)
+    with pytest.raises(TypeError, match="mesh spec"):
+        mesh_from_spec(8)
+
+
+def test_cluster_detection_and_single_process_initialize_is_a_noop(monkeypatch):
+    from lmx.parallel import cluster_detected, initialize_distributed
+
+    assert cluster_detected({}) is None
+    assert cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "SLURM_JOB_ID"
+    assert cluster_detected({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}) == "OMPI_MCA_orte_hnp_uri"
+    assert cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
+    assert cluster_detected({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    for var in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri",
+                "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed() is False
+    assert jax.process_count() == 1

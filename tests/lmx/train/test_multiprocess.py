@@ -1,0 +1,144 @@
+"""A real multi-process run: two Python processes on 127.0.0.1 joined by ``jax.distributed``
+(CPU collectives over gloo), each feeding only its half of every batch, must end with the same
+parameters as one process holding the whole batch; a checkpoint written by the two processes
+resumes in one.
+
+Each process has 2 CPU devices, so both runs use the same 4-device ``data=2, fsdp=2`` mesh and
+the parameters are FSDP-sharded across the two processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    pid, nproc, port, ckpt, halt, out = sys.argv[1:7]
+    pid, nproc = int(pid), int(nproc)
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // nproc}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from lmx.parallel import initialize_distributed, make_mesh
+    joined = initialize_distributed(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
+                                    process_id=pid) if nproc > 1 else initialize_distributed()
+    assert joined == (nproc > 1)
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax.experimental import multihost_utils
+    from lmx.models import ModelConfig, Transformer
+    from lmx.train import TrainConfig, causal_lm_loss, train
+
+    assert jax.process_count() == nproc and jax.device_count() == 4
+    mesh = make_mesh(data=2, fsdp=2)
+    rows = 8 // nproc
+
+    def config(wing):
+        return TrainConfig(steps=4, lr=3e-3, warmup_steps=1, ckpt_dir=f"{ckpt}_{wing}" if ckpt else None,
+                           ckpt_every=2, halt_after=int(halt) if halt else None, progress=False)
+
+    def local_rows(batch):
+        return {k: v[pid * rows:(pid + 1) * rows] for k, v in batch.items()}
+
+    def tiny(seed, **kw):
+        return Transformer(ModelConfig.tiny_llama(vocab_size=64, d_model=32, d_ff=64, **kw),
+                           rngs=nnx.Rngs(seed))
+
+    def lm():
+        def get_batch(step):
+            r = np.random.RandomState(step)
+            return local_rows({"tokens": r.randint(0, 64, (8, 12)).astype(np.int32)})
+        res = train(tiny(0), causal_lm_loss, get_batch, config("lm"), mesh=mesh)
+        return res.losses, res.model
+
+    def kd():
+        from lmx.kd import ATKDConfig
+        from lmx.kd.trainer import DistillConfig, distill
+        tokens = np.random.RandomState(7).randint(0, 64, (16, 12)).astype(np.int32)
+        dcfg = DistillConfig(loss=ATKDConfig(), train=config("kd"), batch_size=8)
+        res = distill(tiny(1, n_layers=1), tiny(2), tokens, dcfg, mesh=mesh)
+        return res.losses, res.student
+
+    record = {}
+    for wing, run in (("lm", lm), ("kd", kd)):
+        losses, trained = run()
+        params = nnx.state(trained, nnx.Param)
+        gathered = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                                params)
+        record[wing] = {"losses": losses,
+                        "params": {jax.tree_util.keystr(k): v.tolist()
+                                   for k, v in jax.tree_util.tree_leaves_with_path(gathered)},
+                        "shardings": sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})}
+    if pid == 0:
+        with open(out, "w") as f:
+            json.dump(record, f)
+    if nproc > 1:
+        jax.distributed.shutdown()
+''')
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, nproc, *, ckpt="", halt="", tag):
+    out = tmp_path / f"{tag}.json"
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), str(nproc), port, ckpt, halt, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=tmp_path) for pid in range(nproc)]
+    try:
+        results = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    return json.loads(out.read_text())
+
+
+def _assert_same_params(a, b):
+    assert a["params"].keys() == b["params"].keys()
+    for k in a["params"]:
+        np.testing.assert_allclose(np.asarray(a["params"][k]), np.asarray(b["params"][k]),
+                                   atol=2e-6, rtol=1e-5, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process with the whole batch; two processes with half each; two processes stopped
+    after 2 of 4 steps with checkpoints, then one process resuming from them."""
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    ckpt = str(tmp / "ckpt")
+    first_half = _run(tmp, 2, ckpt=ckpt, halt="2", tag="first_half")
+    return {"one": _run(tmp, 1, tag="one"), "two": _run(tmp, 2, tag="two"), "first_half": first_half,
+            "resumed": _run(tmp, 1, ckpt=ckpt, tag="resumed")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wing", ["lm", "kd"])
+def test_two_processes_each_feeding_half_the_batch_equal_one_process(runs, wing):
+    one, two = runs["one"][wing], runs["two"][wing]
+    assert len(one["losses"]) == len(two["losses"]) == 4
+    np.testing.assert_allclose(two["losses"], one["losses"], atol=1e-6, rtol=1e-6)
+    _assert_same_params(two, one)
+    # the parameters really were split over the two processes' devices, not replicated
+    assert any("fsdp" in s for s in two["shardings"]), two["shardings"]
+    assert one["losses"][-1] < one["losses"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wing", ["lm", "kd"])
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, wing):
+    assert len(runs["first_half"][wing]["losses"]) == 2
+    resumed, one = runs["resumed"][wing], runs["one"][wing]
+    np.testing.assert_allclose(resumed["losses"], one["losses"], atol=1e-6, rtol=1e-6)
+    _assert_same_params(resumed, one)
