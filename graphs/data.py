@@ -589,20 +589,46 @@ def _cached(ds: GraphDataset, key: tuple, fn) -> list:
     return cache[key]
 
 
+def _width(x):
+    # columns of a [rows, F] feature array; None when absent; the trailing shape otherwise
+    if x is None:
+        return None
+    return int(np.shape(x)[1]) if np.ndim(x) == 2 else tuple(np.shape(x)[1:])
+
+
+def check_feature_widths(graphs: Sequence[jraph.GraphsTuple]) -> None:
+    """Raise ``ValueError`` naming the first graph (its index in ``graphs``) whose node or edge
+    feature width (columns), or whose having edge features at all, differs from graph 0's, the
+    width that a batch of them must share."""
+    want_n, want_e = _width(graphs[0].nodes), _width(graphs[0].edges)
+    for i, g in enumerate(graphs):
+        got_n, got_e = _width(g.nodes), _width(g.edges)
+        if got_n != want_n:
+            raise ValueError(f"graph {i}: node features have {got_n} columns, expected {want_n} "
+                             f"(the width of graph 0); every graph in a batch needs the same "
+                             f"node feature width")
+        if got_e != want_e:
+            what = lambda w: "no edge features" if w is None else f"{w} edge feature columns"
+            raise ValueError(f"graph {i}: has {what(got_e)}, expected {what(want_e)} (as graph 0)")
+
+
 def collate(graphs: Sequence[jraph.GraphsTuple], labels: np.ndarray, *, n_node: int, n_edge: int,
             n_graph: int, max_nodes: int, spec: BatchSpec = BatchSpec(),
             extras: dict | None = None) -> GraphBatch:
     """Batch ``graphs`` on host and pad to the budget ``(n_node, n_edge, n_graph)``.
 
     ``max_nodes`` (``M``) is the dense per-graph width. Raises ``ValueError`` if a budget is too
-    small: jraph's padding needs >= 1 spare node and >= 1 spare graph, and every graph must fit M.
-    ``extras`` holds precomputed per-graph lists under ``"spd"``, ``"paths"``, ``"pe"``.
+    small (jraph's padding needs >= 1 spare node and >= 1 spare graph, and every graph must fit
+    M) and, naming the graph, if graphs differ in node or edge feature width
+    (:func:`check_feature_widths`). ``extras`` holds precomputed per-graph lists under
+    ``"spd"``, ``"paths"``, ``"pe"``.
     """
     graphs = list(graphs)
     if not graphs:
         raise ValueError("graphs must be non-empty")
     for g in graphs:
         validate_graphs(g)
+    check_feature_widths(graphs)
     tot_n = sum(int(g.n_node[0]) for g in graphs)
     tot_e = sum(int(g.n_edge[0]) for g in graphs)
     big = max(int(g.n_node[0]) for g in graphs)
@@ -657,6 +683,45 @@ def collate(graphs: Sequence[jraph.GraphsTuple], labels: np.ndarray, *, n_node: 
     lmask[:len(graphs)] = ~np.isnan(labels)
     return GraphBatch(p, node_graph, node_pos, node_mask, edge_mask, graph_mask,
                       dense_index, dense_mask, degree, spd, paths, pe, fcs, fcr, lab, lmask)
+
+
+def batch_graphs(graphs: jraph.GraphsTuple | Sequence[jraph.GraphsTuple],
+                 spec: BatchSpec = BatchSpec(), labels: np.ndarray | None = None) -> GraphBatch:
+    """One tightly padded :class:`GraphBatch` of ``graphs`` (a batched or single numpy
+    ``GraphsTuple``, e.g. from ``jraph.batch_np``, or a list of single graphs), with the encodings
+    ``spec`` asks for computed on the fly (a model's ``cfg.batch_spec()``).
+
+    For one-off calls: every new total size is a new shape (a recompile under ``jit``); for
+    training and evaluation use :func:`make_batches`, whose size buckets compile once each.
+    ``labels`` float ``[G, T]`` (default zeros ``[G, 1]``). Raises ``ValueError`` for an invalid
+    graph or mismatched feature widths (naming the graph).
+    """
+    if isinstance(graphs, jraph.GraphsTuple):
+        validate_graphs(graphs)
+        graphs = jraph.unbatch_np(graphs)
+    graphs = list(graphs)
+    if not graphs:
+        raise ValueError("graphs must hold at least one graph")
+    for i, g in enumerate(graphs):
+        if not isinstance(g, jraph.GraphsTuple) or np.asarray(g.n_node).size != 1:
+            raise TypeError(f"graphs[{i}]: expected a single-graph jraph.GraphsTuple, got "
+                            f"{type(g).__name__}")
+    labels = (np.zeros((len(graphs), 1), np.float32) if labels is None
+              else np.asarray(labels, np.float32).reshape(len(graphs), -1))
+    extras: dict = {}
+    if spec.spd:
+        sp = [spd_and_paths(g, spec.max_hops) for g in graphs]
+        extras["spd"], extras["paths"] = [a for a, _ in sp], [b for _, b in sp]
+    if spec.pe == "rwse":
+        extras["pe"] = [rwse(g, spec.pe_dim) for g in graphs]
+    elif spec.pe == "lap":
+        extras["pe"] = [lap_pe(g, spec.pe_dim) for g in graphs]
+    elif spec.pe != "none":
+        raise ValueError(f"spec.pe must be none/rwse/lap, got {spec.pe!r}")
+    tot_n = sum(int(g.n_node[0]) for g in graphs)
+    tot_e = sum(int(g.n_edge[0]) for g in graphs)
+    return collate(graphs, labels, n_node=tot_n + 1, n_edge=tot_e, n_graph=len(graphs) + 1,
+                   max_nodes=max(int(g.n_node[0]) for g in graphs), spec=spec, extras=extras)
 
 
 def precompute(ds: GraphDataset, spec: BatchSpec) -> dict:

@@ -21,9 +21,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jraph
+import numpy as np
 from flax import nnx
 
-from graphs.data import BatchSpec, GraphBatch
+from graphs.data import BatchSpec, GraphBatch, batch_graphs
 from graphs.layers import (FFN, GINE, MHA, CategoricalEncoder, _rng, dropout, gather_tokens,
                            scatter_tokens, select_tokens, to_dense, to_flat)
 
@@ -288,6 +290,25 @@ class GraphModel(nnx.Module):
         return self.head2(jax.nn.relu(self.head1(z))).astype(jnp.float32)
 
     def _check(self, batch, gates, mode, probes):
+        if not isinstance(batch, GraphBatch):
+            raise TypeError(f"batch: expected a graphs.data.GraphBatch, got "
+                            f"{type(batch).__name__}; build one with "
+                            f"graphs.data.make_batches(ds, idx, batch_size, "
+                            f"spec=model.cfg.batch_spec()) or, for a few graphs, "
+                            f"graphs.data.batch_graphs(graphs, model.cfg.batch_spec())")
+        cfg, nodes, edges = self.cfg, batch.graph.nodes, batch.graph.edges
+        width = len(cfg.node_vocab) if cfg.node_vocab is not None else cfg.node_dim
+        what = "node_vocab entries" if cfg.node_vocab is not None else "node_dim"
+        if nodes.ndim != 2 or nodes.shape[1] != width:
+            raise ValueError(f"batch.graph.nodes: the graphs' node features have shape "
+                             f"{tuple(nodes.shape)} ([nodes, width]); this model expects width "
+                             f"{width} (GTConfig {what})")
+        if cfg.edge_vocab:
+            if edges is None or edges.ndim != 2 or edges.shape[1] != len(cfg.edge_vocab):
+                raise ValueError(f"batch.graph.edges: the graphs' edge features have shape "
+                                 f"{None if edges is None else tuple(edges.shape)}; this model "
+                                 f"expects [edges, {len(cfg.edge_vocab)}] (GTConfig edge_vocab "
+                                 f"{cfg.edge_vocab})")
         if mode not in ("faithful", "clean"):
             raise ValueError(f"mode must be 'faithful' or 'clean', got {mode!r}")
         if gates is not None and self.cfg.heads is not None:
@@ -311,8 +332,25 @@ class GraphModel(nnx.Module):
         if spec.fc_pairs and batch.fc_senders is None:
             raise ValueError("segment attention needs batch.fc_senders: use cfg.batch_spec()")
 
-    def __call__(self, batch: GraphBatch, gates: Gates | None = None, *, mode: str = "clean",
-                 train: bool = False, rng: jax.Array | None = None, probes=None) -> jax.Array:
+    def __call__(self, batch: GraphBatch | jraph.GraphsTuple, gates: Gates | None = None, *,
+                 mode: str = "clean", train: bool = False, rng: jax.Array | None = None,
+                 probes=None) -> jax.Array:
+        """Predictions float32 ``[B, n_out]`` for a :class:`GraphBatch` (padding graphs included).
+
+        A numpy ``jraph.GraphsTuple`` (one graph or a ``jraph.batch_np`` of several) is also
+        accepted outside ``jit``: it is padded with the encodings this model needs
+        (:func:`graphs.data.batch_graphs`) and the predictions of its real graphs ``[G, n_out]``
+        are returned. Raises TypeError for any other batch type (or a traced GraphsTuple),
+        ValueError for node/edge features whose width does not match the config.
+        """
+        if isinstance(batch, jraph.GraphsTuple):
+            if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(batch)):
+                raise TypeError("batch: a traced jraph.GraphsTuple cannot be padded inside jit; "
+                                "build a GraphBatch outside jit with graphs.data.batch_graphs("
+                                "graphs, model.cfg.batch_spec()) or graphs.data.make_batches")
+            padded = batch_graphs(batch, self.cfg.batch_spec())
+            n_real = int(np.asarray(padded.graph_mask).sum())
+            return self(padded, gates, mode=mode, train=train, rng=rng, probes=probes)[:n_real]
         self._check(batch, gates, mode, probes)
         if train and rng is None:
             raise ValueError("train=True needs rng (dropout, Gumbel noise, drop path)")

@@ -322,8 +322,13 @@ def layer_importance(model: GraphModel, ds: GraphDataset, idx, cfg: FitConfig, g
 
 
 @functools.lru_cache(maxsize=128)
-def _forward(graphdef, mode: str):
-    """Jitted eval forward ``(state, batch, gates, key) -> preds``, cached per structure."""
+def eval_forward(graphdef, mode: str = "clean"):
+    """Jitted eval-mode forward ``fwd(state, batch, gates, key) -> preds`` of the model whose
+    ``nnx.split`` is ``(graphdef, state)``; cached per (structure, mode), so every caller shares
+    one compile per batch shape. ``preds`` float32 ``[B, n_out]`` include padding graphs.
+
+    Example: ``gd, state = nnx.split(model); eval_forward(gd)(state, batch, None, key)``.
+    """
 
     def fwd(state, b, gates, key):
         return nnx.merge(graphdef, state)(b, gates, mode=mode, train=False, rng=key)
@@ -335,7 +340,7 @@ def predict(model: GraphModel, batches: list, gates: Gates | None = None, *,
             mode: str = "clean", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and labels of the real graphs of ``batches`` (in batch order)."""
     graphdef, state = nnx.split(model)
-    fwd = _forward(graphdef, mode)
+    fwd = eval_forward(graphdef, mode)
     preds, labels = [], []
     for i, b in enumerate(batches):
         p = np.asarray(fwd(state, b, gates, jax.random.key(seed + i)))

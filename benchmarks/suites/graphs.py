@@ -109,7 +109,7 @@ def _fast_compile(on: bool):
 def _forward_pass(model, batches, gates=None, mode="clean"):
     """A zero-argument callable running the jitted eval forward over ``batches`` (blocking)."""
     gd, state = nnx.split(model)
-    fwd = train._forward(gd, mode)
+    fwd = train.eval_forward(gd, mode)
     key = jax.random.key(0)
     return lambda: block([fwd(state, b, gates, key) for b in batches])
 

@@ -184,3 +184,28 @@ def test_buckets_fit_every_graph():
     bs = data.make_batches(ds, np.arange(len(ds)), 16, buckets=buckets, shuffle_seed=0)
     assert sum(int(b.graph_mask.sum()) for b in bs) == 188
     assert len({b.graph.nodes.shape for b in bs}) == 2          # one shape per bucket
+
+
+def test_collate_of_mismatched_feature_widths_names_the_graph():
+    # used to fail inside numpy's concatenate without saying which graph
+    a, b = _two_graphs()
+    wide = data.single_graph(np.zeros((2, 3), np.int32), [0, 1], [1, 0])
+    with pytest.raises(ValueError, match=r"graph 2: node features have 3 columns, expected 1"):
+        data.collate([a, b, wide], np.zeros((3, 1)), n_node=10, n_edge=10, n_graph=4,
+                     max_nodes=3)
+    with_edges = data.single_graph(np.zeros((2, 1), np.int32), [0, 1], [1, 0],
+                                   np.zeros((2, 2), np.int32))
+    with pytest.raises(ValueError, match=r"graph 1: has 2 edge feature columns, expected no edge"):
+        data.collate([a, with_edges], np.zeros((2, 1)), n_node=8, n_edge=8, n_graph=3,
+                     max_nodes=3)
+
+
+def test_batch_graphs_pads_tightly_with_the_encodings_asked_for():
+    a, b = _two_graphs()
+    spec = data.BatchSpec(spd=True, max_hops=2, pe="rwse", pe_dim=4)
+    bt = data.batch_graphs(jraph.batch_np([a, b]), spec)
+    assert bt.graph_mask.tolist() == [True, True, False]
+    assert bt.node_mask.sum() == 5 and bt.pe.shape == (6, 4) and bt.spd.shape == (3, 3, 3)
+    assert bt.spd[0, 0, 2] == 2 and bt.spd[1, 0, 1] == 1
+    same = data.batch_graphs([a, b], spec)
+    np.testing.assert_array_equal(same.spd, bt.spd)

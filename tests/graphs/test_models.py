@@ -265,3 +265,35 @@ def test_bad_inputs_raise(setup):
         model(batch, train=True)
     with pytest.raises(ValueError, match="every layer"):
         gtsp.export_clean(model, layer_keep=np.zeros(cfg.n_layers))
+
+
+def test_wrong_feature_width_and_raw_graphs_tuple(setup, mutag):
+    cfg, model, batch = setup
+    # wrong node width used to surface as JAX's internal dot_general/gather TypeError
+    wide = batch._replace(graph=batch.graph._replace(
+        nodes=np.concatenate([batch.graph.nodes, batch.graph.nodes], 1)))
+    with pytest.raises(ValueError, match=r"batch.graph.nodes.*expects width 1"):
+        model(wide)
+    no_edges = batch._replace(graph=batch.graph._replace(edges=None))
+    with pytest.raises(ValueError, match=r"batch.graph.edges.*\[edges, 1\]"):
+        model(no_edges)
+    # a raw jraph GraphsTuple used to raise AttributeError: 'pe'; now it is padded on the fly
+    import jraph
+
+    idx = [0, 3, 7, 11]
+    raw = jraph.batch_np([mutag.graphs[i] for i in idx])
+    np.testing.assert_allclose(np.asarray(model(raw)), _real(run(model, batch), batch),
+                               rtol=2e-5, atol=2e-5)
+    with pytest.raises(TypeError, match=r"batch_graphs"):
+        model({"nodes": raw.nodes})
+
+
+def test_float_node_features_of_the_wrong_width_name_the_expected_width():
+    # float nodes go through a Linear: a wrong width used to raise JAX's dot_general TypeError
+    ds = data.spd_parity(4, seed=0)
+    cfg = models.config_for(ds, "graphtrans", **TINY)
+    model = models.make_model(cfg)
+    b = _batch(ds, cfg, [0, 1])
+    wide = b._replace(graph=b.graph._replace(nodes=np.pad(b.graph.nodes, ((0, 0), (0, 1)))))
+    with pytest.raises(ValueError, match=r"shape \(\d+, 3\).*expects width 2 \(GTConfig node_dim"):
+        model(wide)
