@@ -522,6 +522,12 @@ def main():
     """
     # Die with the evaluator's thread that started us; each sample process re-arms the same.
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Forked supervisors, programs and workers share the launcher's pages copy-on-write; a
+    # collection would touch (and so copy) every tracked object, so the collector stays off.
+    import gc
+
+    gc.disable()
+    gc.freeze()
     stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()

@@ -165,6 +165,9 @@ def _worker(job, w):
                        bool(guard.get("processes")), bool(guard.get("proc")))
     sys.stdout = sys.stderr = _Sink()
     sys.stdin = _NoInput()
+    import gc
+
+    gc.enable()  # the zygote launcher runs with the collector off; candidates get the default
     me = posix.getpid()
     _signal.signal(_signal.SIGALRM, _on_alarm)
     _signal.setitimer(_signal.ITIMER_REAL, job["timeout"])
