@@ -117,8 +117,9 @@ class LocalBackend:
                  **engine_kw: Any) -> LocalBackend:
         """Wire an ``lmx.models.Transformer`` + tokenizer onto a continuous-batching engine.
 
-        ``n_slots`` (default ``max_batch``) KV-cache slots of ``max_seq_len`` columns (default
-        the model's context capped at 2048: the cache holds ``n_slots * max_seq_len`` tokens);
+        ``n_slots`` (default ``min(max_batch, 16)``) KV-cache slots of ``max_seq_len`` columns
+        (default the model's context capped at 2048: the cache holds ``n_slots * max_seq_len``
+        tokens, 1.5 GB for SmolLM2-135M in f32 at the defaults);
         ``engine_kw`` go to :class:`~lmx.serve.engine.Engine` (bucket lists, prefill budget).
         """
         from lmx.backends import _lmx_glue
@@ -129,7 +130,7 @@ class LocalBackend:
         _, lp = _lmx_glue.make_fns(model, pad_id=_pad_id(tokenizer))
         backend = cls(tokenizer, None, lp, max_seq_len=max_len, model_name=model_name,
                       max_batch=max_batch, engine=_Pending)
-        backend.engine = Engine(model, tokenizer, n_slots=n_slots or max_batch, max_len=max_len,
+        backend.engine = Engine(model, tokenizer, n_slots=n_slots or min(max_batch, 16), max_len=max_len,
                                 stop_token_ids=backend.stop_token_ids, decode=backend.decode,
                                 **engine_kw)
         return backend

@@ -298,11 +298,11 @@ class Metrics:
 
 # ----------------------------------------------------------------------------- engine
 
-def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+def _geometric_buckets(lo: int, hi: int, factor: int = 4) -> tuple[int, ...]:
     out, b = [], lo
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= factor
     return tuple(out) + (hi,)
 
 
@@ -314,7 +314,8 @@ class Engine:
       n_slots: concurrent requests (the decode batch at most); max_len: prompt + reply tokens per
         request (cache columns per slot), at most the model's ``max_seq_len``.
       batch_buckets / span_buckets / prompt_buckets: the compiled shapes (defaults: powers of
-        two from 1 / 64 / 16 up to ``n_slots`` / ``max_len`` / ``max_len``).
+        four from 1 / 128 / 32 up to ``n_slots`` / ``max_len`` / ``max_len``: at most 4x padding,
+        few variants to compile). The largest prompt bucket (at most ``max_len``) bounds prompts.
       prefill_tokens_per_step: prompt tokens admitted per iteration while requests are decoding.
       stop_token_ids: ids that end a reply (EOS, end-of-turn).
       decode: ``ids -> text`` (default ``tokenizer.decode(ids, skip_special_tokens=True)``).
@@ -340,11 +341,12 @@ class Engine:
                              f"got {max_len!r}")
         self.n_slots, self.max_len = n_slots, max_len
         self.batch_buckets = self._buckets("batch_buckets", batch_buckets,
-                                           _pow2_buckets(1, n_slots), n_slots)
+                                           _geometric_buckets(1, n_slots), n_slots)
         self.span_buckets = self._buckets("span_buckets", span_buckets,
-                                          _pow2_buckets(min(64, max_len), max_len), max_len)
+                                          _geometric_buckets(min(128, max_len), max_len), max_len)
         self.prompt_buckets = self._buckets("prompt_buckets", prompt_buckets,
-                                            _pow2_buckets(min(16, max_len), max_len), max_len)
+                                            _geometric_buckets(min(32, max_len), max_len), max_len,
+                                            exact_top=False)
         self.prefill_tokens_per_step = int(prefill_tokens_per_step)
         self.vocab_size = int(model.cfg.vocab_size)
         self.stop_ids = frozenset(int(i) for i in stop_token_ids)
@@ -382,10 +384,11 @@ class Engine:
         self.warm = False
 
     @staticmethod
-    def _buckets(name, given, default, top) -> tuple[int, ...]:
+    def _buckets(name, given, default, top, exact_top: bool = True) -> tuple[int, ...]:
         b = tuple(sorted(set(int(x) for x in (given if given is not None else default))))
-        if not b or b[0] < 1 or b[-1] != top:
-            raise ValueError(f"{name} must be positive ints whose largest is {top}, got {given!r}")
+        if not b or b[0] < 1 or b[-1] > top or (exact_top and b[-1] != top):
+            want = f"whose largest is {top}" if exact_top else f"at most {top}"
+            raise ValueError(f"{name} must be positive ints {want}, got {given!r}")
         return b
 
     # ------------------------------------------------------------------ lifecycle
@@ -431,6 +434,9 @@ class Engine:
     def submit(self, req: GenRequest, on_event: Callable[[Event], None] | None = None) -> Stream:
         """Queue ``req`` (validated first; ValueError/TypeError on a bad field) -> its Stream."""
         validate_request(req, vocab_size=self.vocab_size, max_len=self.max_len)
+        if len(req.prompt) > self.prompt_buckets[-1]:
+            raise ValueError(f"prompt of {len(req.prompt)} tokens exceeds this engine's longest "
+                             f"prompt bucket of {self.prompt_buckets[-1]} tokens")
         if req.seed is None:
             req = dataclasses.replace(req, seed=int.from_bytes(os.urandom(8), "little"))
         s = Stream(req, on_event)

@@ -19,6 +19,8 @@ from lmx.backends import LocalBackend  # noqa: E402
 from lmx.serve import ChatServer, GenRequest, backend_compiles  # noqa: E402
 
 MODEL = "tiny-random"
+# one shared warm-up compiles 4 kernel variants: ~35 s on a loaded 2-core VM
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

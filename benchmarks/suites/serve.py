@@ -1,0 +1,172 @@
+"""Benchmark ``serve``: the OpenAI-compatible server (continuous batching) under concurrent clients.
+
+SmolLM2-135M-Instruct (GGUF asset) behind ``lmx.serve.ChatServer`` on 127.0.0.1, warmed up first
+(every kernel shape compiled; the run checks that no compile happens afterwards). For each
+concurrency level ``c`` in ``clients``, ``c`` client threads each send ``rounds`` streaming chat
+requests one after another (greedy, ``ignore_eos`` so every reply has exactly ``max_tokens``
+tokens; prompts differ per client). Measured per level, all in the same process and run:
+
+* throughput: completion tokens / wall seconds of the level; ``speedup_vs_1`` divides it by the
+  throughput of one client at a time (the ``c = 1`` level);
+* TTFT: request sent -> first content chunk (p50 / p95 over requests);
+* inter-token latency: gaps between consecutive content chunks of a stream (p50 / p95), and
+  per request (last chunk - first chunk) / (tokens - 1) (mean).
+
+Continuous batching: Yu et al. 2022 (Orca, OSDI'22), iteration-level scheduling.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import platform
+import threading
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOPICS = ("the sea", "mountains", "a city at night", "bread", "rain", "old trains", "music",
+          "a library", "winter", "bees", "the moon", "rivers", "chess", "gardens", "clocks", "tea")
+
+
+def _one_request(base_url: str, model: str, prompt: str, max_tokens: int, client) -> dict:
+    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": prompt}]}
+    t0 = time.perf_counter()
+    stamps, tokens = [], None
+    with client.stream("POST", base_url + "/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for c in chunk["choices"]:
+                if c["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+    if tokens is None or not stamps:
+        raise RuntimeError("stream ended without content or usage")
+    gaps = np.diff(stamps).tolist()
+    return {"ttft_s": stamps[0] - t0, "gaps_s": gaps, "tokens": tokens,
+            "itl_s": (stamps[-1] - stamps[0]) / max(tokens - 1, 1), "end_s": stamps[-1] - t0}
+
+
+def run_level(base_url: str, model: str, clients: int, rounds: int, max_tokens: int) -> dict:
+    """``clients`` threads x ``rounds`` sequential streaming requests -> latency/throughput stats."""
+    import httpx
+
+    results: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(k: int):
+        with httpx.Client(timeout=600) as client:
+            for r in range(rounds):
+                prompt = f"Write about {TOPICS[(k + r) % len(TOPICS)]} (note {k}.{r})."
+                try:
+                    out = _one_request(base_url, model, prompt, max_tokens, client)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                with lock:
+                    results.append(out)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed at {clients} clients: {errors[:3]}")
+    ttft = np.array([r["ttft_s"] for r in results])
+    gaps = np.array([g for r in results for g in r["gaps_s"]])
+    tokens = int(sum(r["tokens"] for r in results))
+    return {"clients": clients, "requests": len(results), "completion_tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p95_s": float(np.percentile(ttft, 95)),
+            "itl_p50_s": float(np.percentile(gaps, 50)), "itl_p95_s": float(np.percentile(gaps, 95)),
+            "itl_mean_per_request_s": float(np.mean([r["itl_s"] for r in results]))}
+
+
+def _plot(rows: list[dict], out_dir: pathlib.Path, title: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [r["clients"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(c, [r["tokens_per_s"] for r in rows], "o-")
+    axes[0].set(xscale="log", xlabel="concurrent streaming clients", ylabel="completion tokens / s",
+                title="throughput")
+    axes[1].plot(c, [r["ttft_p50_s"] for r in rows], "o-", label="p50")
+    axes[1].plot(c, [r["ttft_p95_s"] for r in rows], "s--", label="p95")
+    axes[1].set(xscale="log", xlabel="concurrent streaming clients", ylabel="seconds",
+                title="time to first token")
+    axes[1].legend()
+    axes[2].plot(c, [r["itl_p50_s"] * 1e3 for r in rows], "o-", label="p50")
+    axes[2].plot(c, [r["itl_p95_s"] * 1e3 for r in rows], "s--", label="p95")
+    axes[2].set(xscale="log", xlabel="concurrent streaming clients", ylabel="ms",
+                title="inter-token latency")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xticks(c, [str(x) for x in c])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "serve.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [str(path)]
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    from lmx.backends import LocalBackend
+    from lmx.serve import ChatServer, backend_compiles
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    clients = sorted(int(c) for c in config["clients"])
+    if clients[0] != 1:
+        raise ValueError(f"clients must include 1 (the one-at-a-time baseline), got {clients}")
+    t0 = time.perf_counter()
+    backend = LocalBackend.load(config["model"], max_batch=config["n_slots"],
+                                max_seq_len=config["max_seq_len"], n_slots=config["n_slots"],
+                                batch_buckets=config["batch_buckets"],
+                                span_buckets=config["span_buckets"],
+                                prompt_buckets=config["prompt_buckets"])
+    load_s = time.perf_counter() - t0
+    rows = []
+    with ChatServer(backend, model_name=config["model"]) as srv:
+        t0 = time.perf_counter()
+        variants = srv.engine.warmup()
+        warm_s = time.perf_counter() - t0
+        compiles0, kernels0 = backend_compiles(), srv.engine.compile_count()
+        for c in clients:
+            log.info("serve bench: %d clients", c)
+            rows.append(run_level(srv.base_url, config["model"], c, config["rounds"],
+                                  config["max_tokens"]))
+            log.info("  %s", rows[-1])
+        compiles_during = backend_compiles() - compiles0
+        kernels_during = srv.engine.compile_count() - kernels0
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["speedup_vs_1"] = r["tokens_per_s"] / base
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+               "loadavg_at_end": os.getloadavg()}
+    title = (f"{config['model']} on CPU ({os.cpu_count()} cores, load avg "
+             f"{machine['loadavg_at_end'][0]:.1f}), {config['max_tokens']} tokens/request, "
+             f"{config['n_slots']} slots")
+    return {"summary": rows, "load_seconds": load_s, "warmup_seconds": warm_s,
+            "kernel_variants": variants, "xla_compiles_during_run": compiles_during,
+            "kernel_compiles_during_run": kernels_during, "machine": machine,
+            "plots": _plot(rows, out_dir, title)}
