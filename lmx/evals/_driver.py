@@ -120,7 +120,8 @@ def _install_guard(root, files, network, processes, proc):
             refuse(event, args[0])
         elif files and event in _PATH_EVENTS:
             positions, dir_fd_pos = _PATH_EVENTS[event]
-            if dir_fd_pos is not None and len(args) > dir_fd_pos and args[dir_fd_pos] is not None:
+            if (dir_fd_pos is not None and len(args) > dir_fd_pos
+                    and args[dir_fd_pos] not in (None, -1)):  # CPython passes -1 for "none"
                 refuse(event, "dir_fd")
             for i in positions:
                 if not inside(args[i]):

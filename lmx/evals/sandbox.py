@@ -353,6 +353,17 @@ def _memory_cgroup() -> dict | None:
     return None
 
 
+def _sweep_cgroups(cgroup: dict) -> None:
+    """Remove per-sample cgroups left by supervisors that were killed (their pid is gone)."""
+    for path in glob.glob(os.path.join(cgroup["parent"], "lmx-sbx-*-*")):
+        pid = os.path.basename(path).split("-")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # still holds processes: the next sweep retries
+
+
 def _parse_result(text: str, nonce: str, n_tests: int) -> dict | None:
     """The driver's result literal, or None when missing, cut, malformed, not signed with this
     sample's nonce, or inconsistent with the job (never trusted blindly: it crossed from the
@@ -467,6 +478,8 @@ class Sandbox:
             raise SandboxError(f"the sandbox needs Linux on x86_64 (its seccomp filter table), "
                                f"this is {sys.platform} on {platform.machine()}")
         self._cgroup = _memory_cgroup() if self._root else None
+        if self._cgroup is not None:
+            _sweep_cgroups(self._cgroup)
         per_process = (config.memory_bytes if self._cgroup is not None
                        else config.memory_bytes // config.processes)
         if per_process < _MIN_PROCESS_BYTES:

@@ -170,23 +170,32 @@ def test_h02_memory_bomb_is_capped(sb):
 
 
 def test_h03_memory_of_the_whole_tree_is_capped(sb):
-    # Three children of 150 MiB each stay under the per-process cap (256 MiB) but not under the
-    # tree's budget: the cgroup kills them (guard mode refuses the fork itself).
-    prog = ("import os, time\n"
-            "kids = []\n"
+    # Three children of 100 MiB each stay under the per-process cap but not, together, under the
+    # tree's budget (256 MiB): the memory cgroup kills them. Guard mode refuses the fork itself.
+    prog = ("import os, select, time\n"
+            "r, w = os.pipe()\n"
             "for _ in range(3):\n"
-            "    pid = os.fork()\n"
-            "    if pid == 0:\n"
-            "        b = bytearray(150 << 20)\n"
+            "    if os.fork() == 0:\n"
+            "        b = bytearray(100 << 20)\n"
             "        for i in range(0, len(b), 4096):\n"
             "            b[i] = 1\n"
-            "        time.sleep(5)\n"
+            "        os.write(w, b'x')\n"
+            "        time.sleep(3)\n"
             "        os._exit(0)\n"
-            "    kids.append(pid)\n"
-            "time.sleep(0.6)\n"
-            "alive = [os.waitpid(p, os.WNOHANG)[0] == 0 for p in kids]\n"
-            "assert all(alive), alive\n")
-    r = sb.run(Job(prog, ("assert True",)))
+            "got = b''\n"
+            "while len(got) < 3 and select.select([r], [], [], 4)[0]:\n"
+            "    got += os.read(r, 3)\n"
+            "assert got == b'xxx', got\n")
+    job = Job(prog, ("assert True",))
+    budget = 256 << 20
+    if sb.isolation == "namespace" and sb.mechanism.endswith("memory"):
+        # Control: with a 1 GiB budget the same three children fit.
+        roomy = _make("namespace", timeout=6.0, memory_bytes=1 << 30)
+        with roomy:
+            assert roomy.run(job).passed
+    tight = _make(sb.isolation, timeout=6.0, memory_bytes=budget)
+    with tight:
+        r = tight.run(job)
     assert not r.passed, r
     if sb.isolation == "guard":
         assert "refused" in r.error
