@@ -1,11 +1,11 @@
 """Benchmark ``merge``: offline multi-task merging accuracy + streamed-merge memory/throughput.
 
-Part 1 (spec 5.3): the sklearn-digits multi-task setup of :mod:`lmx.merge.toy` (K transformed
+Part 1: the sklearn-digits multi-task setup of :mod:`lmx.merge.toy` (K transformed
 digit tasks, a shared pre-trained MLP backbone, frozen per-task heads), for each seed: per-task
 test accuracy of the pre-trained model, each fine-tuned model on its own task ("individual"),
 joint multi-task fine-tuning, and every merge method. Learned methods use the entropy objective
 on unlabeled held-out inputs (the papers' setting); two rows repeat them with a supervised
-cross-entropy surrogate on the labelled held-out set (spec 5.5). Concrete TA is evaluated over
+cross-entropy surrogate on the labelled held-out set. Concrete TA is evaluated over
 ``concrete_draws`` final mask draws (mean; the std over draws is reported too).
 
 Part 2: ``n_models`` synthetic fine-tuned checkpoints of ``mb_per_ckpt`` MB (float32 tensors of
@@ -134,7 +134,8 @@ def _accuracy_rows(cfg: dict) -> tuple[list[dict], dict]:
 
 
 def _orderings(avg: dict) -> list[dict]:
-    """The paper's claims (spec 3.1) checked on this toy: does ``a`` beat ``b``?"""
+    """The papers' CLIP ViT-B/32 orderings (Tang et al. 2023, arXiv:2312.06173; Yang et al. 2024,
+    arXiv:2310.02575) checked on this toy: does ``a`` beat ``b``?"""
     pairs = [
         ("Individual", "Weight averaging"), ("Multi-task (joint fine-tune)", "Task arithmetic (lam 0.3)"),
         ("Task arithmetic (lam 0.3)", "Weight averaging"),
@@ -166,13 +167,13 @@ def _write_checkpoints(tmp: pathlib.Path, n_models: int, mb: float, tensor_mb: f
 
     n_elem = int(tensor_mb * 1e6 / 4)
     n_tensors = max(1, int(round(mb / tensor_mb)))
-    specs = [(f"model.layers.{i}.weight", np.float32, (n_elem,)) for i in range(n_tensors)]
+    entries = [(f"model.layers.{i}.weight", np.float32, (n_elem,)) for i in range(n_tensors)]
     paths = []
     for m in range(n_models + 1):
         d = tmp / ("base" if m == 0 else f"ft{m}")
         d.mkdir()
-        w = SafetensorsWriter(d / "model.safetensors", specs)
-        for i, (name, _, shape) in enumerate(specs):
+        w = SafetensorsWriter(d / "model.safetensors", entries)
+        for i, (name, _, shape) in enumerate(entries):
             base = np.random.default_rng((0, i)).random(shape, dtype=np.float32)
             if m:
                 # fine-tuned = base + a small task-specific delta

@@ -1,6 +1,6 @@
 """Model merging: task vectors, data-free merges (averaging, task arithmetic, TIES, DARE),
 closed-form data merges (RegMean, Fisher), learned merges (AdaMerging, Concrete TA/AM), and a
-streamed safetensors runner. See docs/merge.md and /work/shared/specs/model_merging.md."""
+streamed safetensors runner. See docs/merge.md; each function's docstring cites its paper."""
 from lmx.merge.learned import (AdaMergingConfig, ConcreteConfig, MergeResult, adamerging,
                                concrete_adamerging, concrete_merge, concrete_task_arithmetic,
                                entropy, entropy_objective, merge_with_coefficients,

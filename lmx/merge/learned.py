@@ -1,18 +1,20 @@
 """Learned merges: AdaMerging (task-/layer-wise) and Concrete subspace merging (TA and AM).
 
-Merged weights for one float tensor l (spec 1.4):
+Merged weights for one float tensor l (Concrete subspace merging, Tang et al. 2023,
+arXiv:2312.06173; official code github.com/tanganke/subspace_fusion, ``_apply_mask``):
 
     theta^l = theta_0^l + m~^l * sum_i c_i^l tau_i^l,     m~^l = m^l / mean(m^l)
 
 with c_i^l = lam_i (task-wise, ``[K]``) or lam_i^l (layer-wise, ``[K, L]``, L = number of float
 tensors, in :func:`lmx.merge.tree.float_leaf_names` order: a "layer" is one parameter tensor as in
-the AdaMerging/Concrete code, spec 6.5) and m a shared mask (all ones without Concrete). Because
+the AdaMerging/Concrete code) and m a shared mask (all ones without Concrete). Because
 the mask is shared by all K tasks it factors out of the sum, so the K masked copies of the
-official code are never materialised (spec 1.10). Coefficients are clamped to [0, 1] where
+official code are never materialised. Coefficients are clamped to [0, 1] where
 they are used when ``clamp`` is set (official wrappers; FusionBench: off).
 
 The learning objective is any ``objective(params, batch) -> scalar`` on the merged pytree; the
-papers use :func:`entropy_objective` on unlabeled test inputs (spec 1.5). Training loops run a
+papers use :func:`entropy_objective` on unlabeled test inputs (AdaMerging, Yang et al. 2024,
+arXiv:2310.02575). Training loops run a
 jitted step sharded over the ``"data"`` mesh axis (:mod:`lmx.merge._sharding`); batches come
 from ``get_batch(step)``, which must be deterministic in ``step`` (like ``lmx.train``).
 """
@@ -50,7 +52,7 @@ def entropy(logits: jax.Array) -> jax.Array:
 
 
 def entropy_objective(apply_fn: Callable[[PyTree, int, jax.Array], jax.Array]) -> Objective:
-    """AdaMerging's surrogate (Yang et al. 2024, eq. 5; spec 1.5):
+    """AdaMerging's surrogate (Yang et al. 2024, arXiv:2310.02575, eq. 5):
     L(theta) = sum_k mean_{x in batch_k} H(softmax(f_k(x; theta))).
 
     ``apply_fn(params, k, x) -> logits [B, C_k]`` runs the merged model with task k's head;
@@ -70,7 +72,8 @@ def entropy_objective(apply_fn: Callable[[PyTree, int, jax.Array], jax.Array]) -
 def relaxed_bernoulli(key: jax.Array, logits: jax.Array, temperature: float = 0.5
                       ) -> jax.Array:
     """Binary-Concrete sample m = sigmoid((x + log u - log(1 - u)) / t), u ~ U(0, 1)
-    (Maddison et al. 2017; torch ``RelaxedBernoulli.rsample``; spec 1.3).
+    (Maddison et al. 2017, arXiv:1611.00712; torch ``RelaxedBernoulli.rsample``; the Concrete
+relaxation of Tang et al. 2023, arXiv:2312.06173).
 
     Reparameterised: differentiable in ``logits``. For every t > 0, P(m > 0.5) = sigmoid(x).
     Shape/dtype of ``logits`` (float). Raises ValueError for t <= 0.
@@ -86,7 +89,8 @@ def relaxed_bernoulli(key: jax.Array, logits: jax.Array, temperature: float = 0.
 def sample_mask(key: jax.Array, logits: Sequence[jax.Array] | dict[str, jax.Array],
                 temperature: float = 0.5, kind: Literal["continuous", "discrete"] = "continuous"):
     """One draw per tensor (independent keys): ``"continuous"`` relaxed draw at ``temperature``
-    (what the paper reports, spec 1.8) or ``"discrete"`` Bernoulli(sigmoid(x)) 0/1 draw.
+    (the official Concrete code reports a relaxed draw at t = 0.5) or ``"discrete"``
+    Bernoulli(sigmoid(x)) 0/1 draw.
     Same container type as ``logits``."""
     if kind not in ("continuous", "discrete"):
         raise ValueError(f"kind: expected 'continuous' or 'discrete', got {kind!r}")
@@ -102,7 +106,7 @@ def sample_mask(key: jax.Array, logits: Sequence[jax.Array] | dict[str, jax.Arra
 
 
 def rescale_mask(mask):
-    """Per tensor m~ = m / mean(m) (official ``_apply_mask``; spec 1.4), so any constant mask
+    """Per tensor m~ = m / mean(m) (official ``_apply_mask``), so any constant mask
     reproduces task arithmetic. A tensor whose mask is all zero stays zero (no 0/0)."""
 
     def one(m):
@@ -226,7 +230,7 @@ def merge_with_coefficients(base: PyTree, task_vectors: Sequence[PyTree], coeffs
 
 @dataclasses.dataclass(frozen=True)
 class AdaMergingConfig:
-    """AdaMerging (Yang et al., ICLR 2024; spec 2) with the official CLIP defaults:
+    """AdaMerging (Yang et al., ICLR 2024, arXiv:2310.02575) with the official CLIP defaults:
     lam init 0.3, Adam lr 1e-3, 1000 steps, clamp to [0, 1] (FusionBench: ``clamp=False``)."""
 
     granularity: Literal["task", "layer"] = "layer"
@@ -245,7 +249,7 @@ class AdaMergingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ConcreteConfig:
-    """Concrete subspace merging (Tang et al. 2023, arXiv:2312.06173; spec 1.9) with the
+    """Concrete subspace merging (Tang et al. 2023, arXiv:2312.06173) with the
     official CLIP defaults.
 
     Mask: logits init ``init_logit`` 0, temperature 0.5 (fixed), Adam lr ``mask_lr`` 1e-3.
@@ -434,12 +438,13 @@ def _concrete_meta_step(objective, layout, inner_lr, outer_lr, temperature, clam
 def concrete_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
                              objective: Objective, get_batch: Callable[[int], Any],
                              config: ConcreteConfig = ConcreteConfig()) -> MergeResult:
-    """Concrete TA (spec 1.6): learn shared mask logits x with lam fixed at ``config.lam``.
+    """Concrete TA (Tang et al. 2023, arXiv:2312.06173): learn shared mask logits x with lam
+    fixed at ``config.lam``.
 
     Each step: m ~ RelaxedBernoulli(x, t) (fresh draw), m~ = m / mean(m) per tensor,
     theta = theta_0 + lam m~ * sum_i tau_i, loss = objective(theta, get_batch(step)), Adam on x.
     Output: merged with one fresh seeded draw of kind ``config.eval_mask`` from the final logits
-    (FusionBench's evaluation; the official code keeps its last training draw, spec 1.8).
+    (FusionBench's evaluation; the official code keeps its last training draw).
     """
     prob = MergeProblem(base, task_vectors)
     lam = jnp.full((prob.n_tasks,), config.lam, jnp.float32)
@@ -463,7 +468,8 @@ def concrete_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
 def concrete_adamerging(base: PyTree, task_vectors: Sequence[PyTree], objective: Objective,
                         get_batch: Callable[[int], Any],
                         config: ConcreteConfig = ConcreteConfig()) -> MergeResult:
-    """Concrete AdaMerging, task- or layer-wise (``config.granularity``), spec 1.7.
+    """Concrete AdaMerging (Tang et al. 2023, arXiv:2312.06173), task- or layer-wise
+    (``config.granularity``).
 
     Phase A (``meta_steps``), first-order bi-level: lam <- lam_0 = ``config.lam``; draw m1;
     inner: one Adam step (lr ``inner_lr``, moments persist across outer steps) on lam for
@@ -472,8 +478,8 @@ def concrete_adamerging(base: PyTree, task_vectors: Sequence[PyTree], objective:
     objective(theta(stop_grad(lam'), m2), batch 2s+1), no differentiation through the inner step.
     Phase B (``tta_steps``): freeze the logits, draw ONE relaxed mask (t = ``temperature``),
     reset lam to lam_0 and run AdaMerging (lr ``tta_lr``) inside it. The output is merged with
-    that phase-B mask and the learned lam (spec 1.7-1.8). ``history``: ``"meta"`` (outer loss)
-    and ``"tta"``.
+    that phase-B mask and the learned lam (what the official code reports). ``history``:
+    ``"meta"`` (outer loss) and ``"tta"``.
     """
     prob = MergeProblem(base, task_vectors)
     lam0 = jnp.full(prob.coeff_shape(config.granularity), config.lam, jnp.float32)
@@ -506,7 +512,7 @@ def concrete_merge(base: PyTree, task_vectors: Sequence[PyTree], logits: dict[st
                    kind: Literal["continuous", "discrete"] = "continuous", clamp: bool = True
                    ) -> PyTree:
     """Merge with one seeded mask draw from trained ``logits`` (evaluate over several keys and
-    report mean +- std: the final mask is random, spec 1.8). ``coeffs``: scalar, ``[K]`` or
+    report mean +- std: the final mask is random). ``coeffs``: scalar, ``[K]`` or
     ``[K, L]``; raises ValueError for other shapes or logits missing a tensor."""
     prob = MergeProblem(base, task_vectors)
     x = prob.from_dict(logits, name="logits")

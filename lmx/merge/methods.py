@@ -6,11 +6,11 @@ callback. The in-memory pytree functions (:func:`task_arithmetic`, :func:`ties_m
 the safetensors streaming path (:mod:`lmx.merge.streaming`) drive the SAME per-tensor jitted
 kernels through this one engine, which is why a streamed merge equals the in-memory merge bit for
 bit. All arithmetic is float32; each output is cast to the requested dtype (default: the base
-tensor's dtype), as mergekit #604/#347 recommend (spec 4.1). Non-float tensors are copied from
-the base.
+tensor's dtype), as mergekit's users asked (github.com/arcee-ai/mergekit/issues/604 and
+/issues/347). Non-float tensors are copied from the base.
 
-Conventions (spec section 2): K task vectors tau_i = theta_i - theta_0; output
-theta = theta_0 + delta.
+Conventions (Ilharco et al. 2023, arXiv:2212.04089): K task vectors tau_i = theta_i - theta_0;
+output theta = theta_0 + delta.
 """
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def _leaf_key(key: jax.Array, name: str) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Average:
-    """Simple weight averaging theta = (1/K) sum_i theta_i (spec 2; FusionBench
+    """Simple weight averaging theta = (1/K) sum_i theta_i (FusionBench
     ``simple_average``). Computed from the fine-tuned tensors, not the task vectors."""
 
     dtype: Any = None
@@ -226,7 +226,7 @@ class Average:
 
 @dataclasses.dataclass(frozen=True)
 class TaskArithmetic:
-    """Task arithmetic theta = theta_0 + sum_i lam_i tau_i (Ilharco et al. 2023, eq. 1; spec 2).
+    """Task arithmetic theta = theta_0 + sum_i lam_i tau_i (Ilharco et al. 2023, arXiv:2212.04089).
 
     ``lam``: scalar (default 0.3, the AdaMerging/Concrete/FusionBench value) or K values.
     """
@@ -276,7 +276,7 @@ def exact_keep_count(d: int, k: float) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Ties:
-    """TIES-Merging (Yadav et al. 2023, sec. 3; spec 2) with the reference's rules.
+    """TIES-Merging (Yadav et al. 2023, arXiv:2306.01708, Sec. 3) with the reference's rules.
 
     1. Trim: per task keep entries with |tau_i| >= t_i where t_i is the n-th largest |tau_i|,
        n = floor(k d) + 1 (``topk="reference"``: ``ties_merging_utils.topk_values_mask`` takes
@@ -377,9 +377,9 @@ class Ties:
 
 @dataclasses.dataclass(frozen=True)
 class Dare:
-    """DARE (Yu et al. 2024, sec. 3.2; spec 2): drop each task-vector entry with probability
-    ``p`` and rescale survivors by 1/(1-p), then combine with task arithmetic (``lam``, default
-    0.3) or with ``ties`` (a :class:`Ties`; FusionBench uses lam 0.5 there).
+    """DARE (Yu et al. 2024, arXiv:2311.03099, Sec. 3.2): drop each task-vector entry with
+    probability ``p`` and rescale survivors by 1/(1-p), then combine with task arithmetic
+    (``lam``, default 0.3) or with ``ties`` (a :class:`Ties`; FusionBench uses lam 0.5 there).
 
     Randomness: row r (index along axis 0) of tensor ``name`` of task i uses
     ``fold_in(fold_in(fold_in(PRNGKey(seed), crc32(name)), i), r)``, so the drop pattern is the
@@ -521,14 +521,14 @@ def input_gram(x: jax.Array) -> jax.Array:
 
 def regmean(models: Sequence[PyTree], grams: Sequence[dict[str, jax.Array]], *,
             alpha: float = 0.95, dtype=None) -> PyTree:
-    """RegMean (Jin et al. 2023, eq. 3; spec 2).
+    """RegMean (Jin et al. 2023, arXiv:2212.09849).
 
     For each linear kernel ``W_i`` ``[d_in, d_out]`` (``y = x W``) named in ``grams[i]``:
     W = (sum_i G~_i)^-1 sum_i G~_i W_i with G~ = alpha G + (1 - alpha) diag(G) (off-diagonal
     entries scaled by alpha), solved by least squares (minimum-norm where the summed Gram is
-    singular; rows of inputs that are zero for every model are averaged). alpha = 1 gives the least-squares merge
-    argmin_W sum_i ||X_i W - X_i W_i||^2. Every other float leaf is averaged. Default alpha 0.95
-    (FusionBench CLIP ``reduce_non_diagonal_ratio``).
+    singular; rows of inputs that are zero for every model are averaged). alpha = 1 gives the
+    least-squares merge argmin_W sum_i ||X_i W - X_i W_i||^2. Every other float leaf is
+    averaged. Default alpha 0.95 (FusionBench CLIP ``reduce_non_diagonal_ratio``).
 
     Args: models: K fine-tuned pytrees; grams: per model a dict tensor-name -> ``[d_in, d_in]``
     (every model must give the same names). Raises ValueError for a name that is not a 2-D
@@ -578,7 +578,7 @@ def regmean(models: Sequence[PyTree], grams: Sequence[dict[str, jax.Array]], *,
 
 def fisher_merging(models: Sequence[PyTree], fishers: Sequence[PyTree], *,
                    floor: float = 1e-6, normalize: bool = True, dtype=None) -> PyTree:
-    """Fisher merging (Matena & Raffel 2022, eq. 3; spec 2):
+    """Fisher merging (Matena & Raffel 2022, arXiv:2111.09832):
     theta = sum_i F_i theta_i / sum_i F_i per coordinate, F_i the diagonal Fisher of model i.
 
     ``normalize`` divides each model's Fisher by its global L2 norm first and ``floor`` is added

@@ -36,19 +36,19 @@ METHODS = {"average": M.Average, "task_arithmetic": M.TaskArithmetic, "ties": M.
 FORMATS = ("safetensors", "orbax")
 
 
-def build_method(spec: dict) -> Any:
+def build_method(method_cfg: dict) -> Any:
     """Method dataclass from ``{"name": ..., **fields}``.
 
     Raises ValueError for an unknown name or field (listing the allowed ones).
     """
-    if "name" not in spec:
-        raise ValueError(f"method: needs a 'name' (one of {sorted(METHODS)}), got {spec}")
-    name = spec["name"]
+    if "name" not in method_cfg:
+        raise ValueError(f"method: needs a 'name' (one of {sorted(METHODS)}), got {method_cfg}")
+    name = method_cfg["name"]
     if name not in METHODS:
         raise ValueError(f"method.name: unknown method {name!r}; known: {sorted(METHODS)}")
     cls = METHODS[name]
     fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    kwargs = {k: v for k, v in method_cfg.items() if k != "name"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"method {name!r}: unknown fields {unknown}; allowed: {sorted(fields)}")

@@ -127,24 +127,24 @@ def _data_order(files: Sequence[pathlib.Path], info: dict) -> list[str]:
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor with a header fixed in advance.
 
-    ``specs``: ordered ``[(name, dtype, shape), ...]``. :meth:`write` must receive exactly these
+    ``entries``: ordered ``[(name, dtype, shape), ...]``. :meth:`write` must receive exactly these
     tensors in this order (raises ValueError otherwise); :meth:`close` checks completeness.
     """
 
-    def __init__(self, path: str | os.PathLike, specs: Sequence[tuple[str, Any, Sequence[int]]],
+    def __init__(self, path: str | os.PathLike, entries: Sequence[tuple[str, Any, Sequence[int]]],
                  metadata: dict[str, str] | None = None):
         self.path = pathlib.Path(path)
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         off = 0
-        self.specs = []
-        for name, dtype, shape in specs:
+        self.entries = []
+        for name, dtype, shape in entries:
             d = np.dtype(dtype)
             n = int(np.prod(shape, dtype=np.int64)) * d.itemsize
             header[name] = {"dtype": st_dtype(d), "shape": [int(s) for s in shape],
                             "data_offsets": [off, off + n]}
-            self.specs.append((name, d, tuple(int(s) for s in shape)))
+            self.entries.append((name, d, tuple(int(s) for s in shape)))
             off += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte aligned tensor data
@@ -156,9 +156,9 @@ class SafetensorsWriter:
 
     def write(self, name: str, array: Any) -> None:
         """Append tensor ``name`` whole or as consecutive row chunks (slices along axis 0)."""
-        if self._next >= len(self.specs):
-            raise ValueError(f"tensor {name!r}: all {len(self.specs)} tensors already written")
-        want, dtype, shape = self.specs[self._next]
+        if self._next >= len(self.entries):
+            raise ValueError(f"tensor {name!r}: all {len(self.entries)} tensors already written")
+        want, dtype, shape = self.entries[self._next]
         # np.asarray(order="C") rather than np.ascontiguousarray, which promotes a 0-d tensor
         # (e.g. CLIP's logit_scale) to shape (1,).
         arr = np.asarray(array, order="C")
@@ -177,8 +177,8 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         self._fh.close()
-        if self._next != len(self.specs):
-            missing = [s[0] for s in self.specs[self._next:]]
+        if self._next != len(self.entries):
+            missing = [s[0] for s in self.entries[self._next:]]
             raise ValueError(f"{self.path}: {len(missing)} tensors not (fully) written, "
                              f"e.g. {missing[:3]}")
 
@@ -244,11 +244,11 @@ class CheckpointSource:
         return jnp.asarray(np.stack([m.read(name, sl) for m in self.models]))
 
 
-def _shards(specs, max_shard_bytes):
+def _shards(entries, max_shard_bytes):
     if not max_shard_bytes:
-        return [specs]
+        return [entries]
     shards, cur, size = [], [], 0
-    for s in specs:
+    for s in entries:
         n = int(np.prod(s[2], dtype=np.int64)) * np.dtype(s[1]).itemsize
         if cur and size + n > max_shard_bytes:
             shards.append(cur)
@@ -301,9 +301,9 @@ def stream_merge(method, base: str | os.PathLike, models: Sequence[str | os.Path
         method = dataclasses.replace(method, dtype=jnp.dtype(dtype))
     out_dir = pathlib.Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = [(n, (np.dtype(dtype) if dtype is not None and src.is_float(n)
+    entries = [(n, (np.dtype(dtype) if dtype is not None and src.is_float(n)
                   else base_ckpt.dtype(n)), base_ckpt.shape(n)) for n in src.names]
-    shards = _shards(specs, max_shard_bytes)
+    shards = _shards(entries, max_shard_bytes)
     files = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     meta = {"format": "pt", "merge_method": type(method).__name__}
@@ -332,7 +332,7 @@ def stream_merge(method, base: str | os.PathLike, models: Sequence[str | os.Path
     if len(shards) > 1:
         (out_dir / INDEX_NAME).write_text(json.dumps(
             {"metadata": {"total_size": sum(int(np.prod(s[2], dtype=np.int64)) *
-                                            np.dtype(s[1]).itemsize for s in specs)},
+                                            np.dtype(s[1]).itemsize for s in entries)},
              "weight_map": writers}, indent=1))
     if copy_files and base_ckpt.path.is_dir():
         for f in base_ckpt.path.iterdir():

@@ -1,10 +1,11 @@
 """Task vectors over arbitrary pytrees (dicts of arrays, Flax NNX ``State``), with validation.
 
 A task vector is tau_i = theta_i - theta_0 (Ilharco et al. 2023, "Editing models with task
-arithmetic", sec. 2), computed in float32 for every floating-point leaf. Integer/bool leaves
-(step counters, token ids, buffers) carry no task vector: their task-vector leaf is a zero of the
-leaf's own dtype and every merge returns the base model's value for them (spec 1.1, the official
-``src/task_vectors.py`` skips them the same way).
+arithmetic", arXiv:2212.04089, Sec. 2), computed in float32 for every floating-point leaf.
+Integer/bool leaves (step counters, token ids, buffers) carry no task vector: their task-vector
+leaf is a zero of the leaf's own dtype and every merge returns the base model's value for them
+(the official Concrete code, github.com/tanganke/subspace_fusion ``src/task_vectors.py``, skips
+them the same way).
 
 Leaves are named by their tree path joined with ``"."`` (``{"a": {"b": x}}`` -> ``"a.b"``; an NNX
 ``Variable``'s trailing ``.value`` is dropped), so a flat safetensors dict and the same tree in

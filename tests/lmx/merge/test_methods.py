@@ -44,7 +44,7 @@ def test_lambda_one_over_k_equals_average():
         np.testing.assert_allclose(ta[n], avg[n], rtol=0, atol=1e-6)
 
 
-def test_ties_spec_hand_example_exact_topk():
+def test_ties_hand_example_exact_topk():
     base, tvs = _hand()
     out = M.ties_merging(base, tvs, k=0.4, lam=1.0, merge="sum", topk="exact")
     np.testing.assert_allclose(out["w"], [8, 4, -4, 0, -3])
@@ -53,7 +53,7 @@ def test_ties_spec_hand_example_exact_topk():
     np.testing.assert_allclose(M.task_arithmetic(base, tvs, 1.0)["w"], [2, 3.1, -1, 1.3, -4.7], atol=1e-6)
 
 
-def test_ties_spec_hand_example_reference_topk_keeps_floor_kd_plus_one():
+def test_ties_hand_example_reference_topk_keeps_floor_kd_plus_one():
     base, tvs = _hand()
     out, stats = M.merge_tree(M.Ties(k=40, lam=1.0, merge="sum"), base, tvs, return_stats=True)
     np.testing.assert_allclose(out["w"], [8, 4, -4, 1, -5])
