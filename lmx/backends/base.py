@@ -11,7 +11,7 @@ Every backend implements :class:`ChatBackend` (``chat`` -> one string per conver
 that can say more implement :class:`CompletionBackend` (``complete`` -> :class:`Completion` with
 finish reason and token counts) and :class:`LabelProbBackend` (``label_probs`` -> a probability
 over a closed set of label strings for the first assistant token, as WisdoM's MMICL classifier
-does it, spec iaprompt_wisdom_oop.md B.3).
+reads them off the first generated token: Wang et al. 2024, arXiv:2401.06659).
 
 Validation lives here so that the local backend, the HTTP client and the server reject the same
 bad input with the same message.

@@ -240,7 +240,8 @@ class LocalBackend:
     def label_probs(self, conversations: list[list[dict]], labels: Sequence[str]) -> np.ndarray:
         """float32 [B, C]: softmax of the next-token log-probs restricted to the labels' first tokens.
 
-        This is WisdoM's MMICL ``first_token`` scoring (spec B.3): one forward pass per prompt.
+        This is WisdoM's MMICL ``first_token`` scoring (Wang et al. 2024, arXiv:2401.06659): one
+        forward pass per prompt.
         """
         if self.logprobs_fn is None:
             raise ValueError("label_probs needs a backend built with a logprobs_fn")
