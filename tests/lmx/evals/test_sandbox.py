@@ -247,7 +247,11 @@ def test_h06_writes_and_deletes_outside_are_contained(sb, tmp_path):
                       f"shutil.rmtree({str(d)!r})"]
         stmts += [f"open({e!r}, 'w').write('x')" for e in escapes]
         prog = _attempts(*stmts) + ("\nopen('mine.txt', 'w').write('ok')\n"
-                                    "assert open('mine.txt').read() == 'ok'\n")
+                                    "assert open('mine.txt').read() == 'ok'\n"
+                                    "open('scratch', 'w').write('x')\n"
+                                    "os.symlink('scratch', 'link')\n"
+                                    "os.remove('link')\n"
+                                    "os.remove('scratch')\n")
         r = sb.run(Job(prog, ("assert True",)))
         assert r.passed, r  # writing inside its own directory works
         for d in dirs:
@@ -463,6 +467,16 @@ def test_h15_forged_results_on_inherited_fds_do_not_count(sb):
             "            pass\n"
             "print('passed: 3 of 3 tests')\n")
     tests = ("assert False", "assert False", "assert False")
+    # Only the worker protocol's lines ("setup ok, three tests ok"), on every fd, then exit.
+    lines_only = ("import os\n"
+                  "for fd in range(0, 64):\n"
+                  "    try:\n"
+                  "        os.write(fd, b'S\\nT1\\nT1\\nT1\\n')\n"
+                  "    except OSError:\n"
+                  "        pass\n")
+    for tail in ("os._exit(0)\n", ""):
+        r = sb.run(Job(lines_only + tail, tests))
+        assert not r.passed and not any(t["ok"] for t in r.tests), r
     r = sb.run(Job(prog + "os._exit(0)\n", tests))
     assert not r.passed and len(r.tests) <= 3 and not any(t["ok"] for t in r.tests), r
     r = sb.run(Job(prog, tests))
