@@ -204,7 +204,13 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 class _Detok:
-    """Per-request token -> text bookkeeping (stop tokens, stop strings, held-back text)."""
+    """Per-request token -> text bookkeeping (stop tokens, stop strings, held-back text).
+
+    Detokenisation is incremental (the scheme of HF text-generation-inference and vLLM): only the
+    tokens since ``prefix`` are decoded, and the text they add beyond the decoding of
+    ``tokens[prefix:read]`` is appended once it no longer ends in an incomplete UTF-8 sequence,
+    so a long reply costs O(tokens), not O(tokens^2), and word-initial spaces keep their context.
+    """
 
     def __init__(self, stream: Stream, decode: Callable[[list[int]], str],
                  stop_ids: frozenset[int]):
@@ -213,9 +219,18 @@ class _Detok:
         self.decode = decode
         self.stop_ids = frozenset() if self.req.ignore_eos else stop_ids
         self.tokens: list[int] = []
+        self.text = ""  # decoded text of the tokens up to ``read``
+        self.prefix = self.read = 0
         self.n_generated = 0
-        self.sent = 0  # characters of the decoded text already emitted
+        self.sent = 0  # characters of ``text`` already emitted
         self.pending_lp: list[TokenLogprob] = []
+
+    def _advance(self, final: bool) -> None:
+        before = self.decode(self.tokens[self.prefix:self.read]) if self.read > self.prefix else ""
+        now = self.decode(self.tokens[self.prefix:])
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
 
     def push(self, tok: int, lp: TokenLogprob | None) -> str | None:
         """Take one sampled token; emit text; return a finish reason when the request ends."""
@@ -227,17 +242,16 @@ class _Detok:
         self.tokens.append(tok)
         if lp is not None:
             self.pending_lp.append(lp)
-        text = self.decode(self.tokens)
-        stops = self.req.stop
+        self._advance(final=False)
+        text, stops = self.text, self.req.stop
         if stops:
             start = max(0, self.sent - max(len(s) for s in stops))
             hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
             if hits:
                 return self._finish("stop", text[:min(hits)])
         if self.n_generated >= self.req.max_tokens:
-            return self._finish("length", text)
-        safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # an incomplete UTF-8 sequence
-        safe = min(safe, len(text) - _stop_prefix_len(text, stops)) if stops else safe
+            return self._finish("length")
+        safe = len(text) - _stop_prefix_len(text, stops) if stops else len(text)
         if safe > self.sent:
             self.stream._emit(Event(text[self.sent:safe], self._take_lp()))
             self.sent = safe
@@ -249,7 +263,8 @@ class _Detok:
 
     def _finish(self, reason: str, text: str | None = None) -> str:
         if text is None:
-            text = self.decode(self.tokens)
+            self._advance(final=True)
+            text = self.text
         tail = text[self.sent:] if len(text) > self.sent else ""
         self.sent = max(self.sent, len(text))
         self.stream._emit(Event(tail, self._take_lp(), reason, len(self.req.prompt),
@@ -530,7 +545,7 @@ class Engine:
         heapq.heappush(self._free, slot)
         self.metrics.running -= 1
 
-    def _finish(self, slot: int, stream: Stream, reason: str) -> None:
+    def _finish(self, slot: int, reason: str) -> None:
         self._release(slot)
         self.metrics.finished[reason] += 1
 
@@ -539,7 +554,7 @@ class Engine:
         for i, entry in enumerate(self._slots):
             if entry is not None and entry[0].cancelled:
                 det = entry[1]
-                self._finish(i, entry[0], "cancelled")
+                self._finish(i, "cancelled")
                 entry[0]._emit(Event(finish_reason="cancelled", prompt_tokens=len(det.req.prompt),
                                      completion_tokens=det.n_generated))
         budget = self.prefill_tokens_per_step
@@ -580,11 +595,11 @@ class Engine:
             self.metrics.observe_ttft(s.t_first - s.t_submit)
 
     def _push(self, slot: int, tok: int, lp: TokenLogprob | None) -> None:
-        s, det = self._slots[slot]
+        det = self._slots[slot][1]
         self.metrics.add_tokens(1)
         reason = det.push(tok, lp)
         if reason is not None:
-            self._finish(slot, s, reason)
+            self._finish(slot, reason)
 
     def _decode_running(self) -> None:
         active = [i for i, e in enumerate(self._slots) if e is not None]
@@ -621,7 +636,6 @@ class FunctionEngine:
                  decode: Callable[[list[int]], str] | None = None):
         self.generate_fn, self.logprobs_fn = generate_fn, logprobs_fn
         self.max_len, self.vocab_size, self.max_batch = max_len, vocab_size, max_batch
-        self.n_slots = max_batch
         self.stop_ids = frozenset(int(i) for i in stop_token_ids)
         self._decode = decode or (lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
         self.metrics = Metrics()
@@ -630,6 +644,11 @@ class FunctionEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.warm = True
+
+    @property
+    def n_slots(self) -> int:
+        """Requests per ``generate_fn`` call (reported as the slot count in /metrics)."""
+        return self.max_batch
 
     def compile_count(self) -> int:
         return 0
