@@ -10,8 +10,8 @@ routes (404), wrong methods (405) and oversized bodies (413) -- and never reache
 field this server does not implement is a 400 naming it, never silently ignored. Valid requests
 become one engine request per choice (``n``); the engine thread streams tokens back through
 ``loop.call_soon_threadsafe``. When the client goes away (a closed stream, or a dropped
-connection while a non-streaming request waits) every choice is cancelled and its KV-cache slot
-is free at the next decode step.
+connection while a non-streaming request waits) every choice is cancelled at once and its
+KV-cache slot is free at the next decode step.
 """
 # no ``from __future__ import annotations``: FastAPI must see the real ``Request`` class of the
 # handlers defined inside create_app
@@ -422,25 +422,32 @@ def create_app(backend: Any, *, model_name: str, default_max_tokens: int = 256,
             raise _bad(str(e)) from None
         return streams, q
 
+    async def disconnected(request: Request) -> None:
+        # the body has been read: the next ASGI message is the client going away
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def gather(request: Request, reqs: list[GenRequest]):
-        """Wait for every choice; cancel all if the client disconnects meanwhile."""
+        """Wait for every choice; cancel all as soon as the client disconnects."""
         streams, q = submit_all(reqs)
         texts = [[] for _ in reqs]
         lps = [[] for _ in reqs]
         finals: list[Event | None] = [None] * len(reqs)
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             while any(f is None for f in finals):
-                try:
-                    i, ev = await asyncio.wait_for(q.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
+                nxt = asyncio.ensure_future(q.get())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    raise RequestError(499, "client closed the request")
+                i, ev = nxt.result()
                 texts[i].append(ev.text)
                 lps[i] += ev.logprobs
                 if ev.finish_reason is not None:
                     finals[i] = ev
         finally:
+            gone.cancel()
             for s in streams:
                 if not s.done.is_set():
                     s.cancel()

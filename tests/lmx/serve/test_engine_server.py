@@ -137,6 +137,24 @@ def test_client_disconnect_frees_its_slot(server, client):
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
+def test_dropped_non_streaming_request_is_cancelled(server):
+    import socket
+
+    key = 'lmx_requests_finished_total{finish_reason="cancelled"}'
+    before = _metrics(server)[key]
+    body = json.dumps({"model": MODEL, "messages": _msgs("long"), "max_tokens": 220,
+                       "ignore_eos": True, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _metrics(server)[key] == before:
+        time.sleep(0.05)
+    m = _metrics(server)
+    assert m[key] == before + 1 and m["lmx_running_slots"] == 0
+
+
 def test_no_compile_after_warmup_across_50_mixed_requests(server, client):
     rng = np.random.default_rng(0)
     engine = server.engine
