@@ -1,6 +1,6 @@
 """Benchmark ``kd``: memory/time of the fused chunked KD loss, and distillation quality with ATKD.
 
-Memory (issue 3): compiled temporary memory of loss + gradient w.r.t. student hidden and head
+Memory: compiled temporary memory of loss + gradient w.r.t. student hidden and head
 (``jax.jit(...).lower(...).compile().memory_analysis()``) at ``N`` tokens, vocab ``V``, hidden
 ``H``, fused vs unfused (full logits of both models); wall time of both in the same run
 (``benchmarks.common.timeit``; the quick preset times a smaller ``N`` to fit its budget).
@@ -43,8 +43,8 @@ def _memory(cfg: dict) -> list[dict]:
     fns = {"unfused": unfused, **{f"fused_{i}": fused(i) for i in impls}}
     temp = {}
     for name, f in fns.items():
-        spec = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, h), (h, v), (n, h), (h, v))]
-        comp = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*spec).compile()
+        shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, h), (h, v), (n, h), (h, v))]
+        comp = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*shapes).compile()
         temp[name] = comp.memory_analysis().temp_size_in_bytes
     tn = cfg.get("time_n_tokens", n)
     k = jax.random.split(jax.random.PRNGKey(0), 4)

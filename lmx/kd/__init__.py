@@ -1,6 +1,6 @@
 """Knowledge distillation for causal LMs: divergences, ATKD and a fused chunked path.
 
-Spec: ``shared/specs/kd_atkd.md``; docs: ``docs/kd.md``.
+Paper: ATKD, Zhong et al. 2024, arXiv:2402.11890; docs: ``docs/kd.md``.
 """
 from lmx.kd.atkd import (ATKDConfig, atkd_loss, atkd_threshold, target_decomposition)
 from lmx.kd.divergences import KINDS, KDConfig, kd_loss, token_divergence

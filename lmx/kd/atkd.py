@@ -1,9 +1,10 @@
 """Adaptive Teaching KD (ATKD, arXiv:2402.11890, ACL 2024): target / non-target decomposition of
 forward and reverse KL and the uncertainty-based token split.
 
-Reference: spec ``kd_atkd.md`` sections 3, 4, 5 and 8. Everything is evaluated in log space, so
-``1 - p_g`` never rounds to zero (the official code's bug, spec section 5) and empty groups give
-a zero term instead of NaN.
+The decomposition follows Decoupled KD (Zhao et al. 2022, arXiv:2203.08679); the split and the
+weighting follow the ATKD paper and its official code (github.com/WHU-ZQH/ATKD). Everything is
+evaluated in log space, so ``1 - p_g`` never rounds to zero (the official code forms it from
+probabilities, which gives NaN) and empty groups give a zero term instead of NaN.
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def _target_split(log_x: Array, targets: Array):
 
 
 def target_decomposition(log_q: Array, log_p: Array, targets: Array, direction: str = "forward"):
-    """Target-oriented (TCKD) and diversity-oriented (NCKD) parts of KL, spec section 3.
+    """Target-oriented (TCKD) and diversity-oriented (NCKD) parts of KL (Zhao et al.
+    2022, arXiv:2203.08679; Zhong et al. 2024, arXiv:2402.11890).
 
     Forward: ``KL(p||q) = KL(bp||bq) + (1 - p_g) KL(p_hat||q_hat)``; reverse:
     ``KL(q||p) = KL(bq||bp) + (1 - q_g) KL(q_hat||p_hat)`` with binary ``b = (x_g, 1 - x_g)`` and
@@ -133,7 +135,7 @@ def target_decomposition(log_q: Array, log_p: Array, targets: Array, direction: 
 
 
 def atkd_threshold(log_unc: Array, mask: Array, hard_fraction: float = 0.5) -> Array:
-    """Split threshold over the valid entries of ``log_unc`` (any shape), spec section 4 step 3.
+    """Split threshold over the valid entries of ``log_unc`` (any shape), as the official ATKD code.
 
     With ``u`` the ascending valid values and ``n`` their count:
     ``theta = u[floor((1 - k)(n - 1))]``
@@ -254,7 +256,7 @@ def atkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *,
               ignore_index: int = -100, shift: bool = True, valid_vocab_size: int | None = None,
               threshold=None, group_counts=None, denominator=None, reduction: str = "mean",
               return_aux: bool = False):
-    """ATKD loss, spec section 4: ``lambda * L_E + (1 - lambda) * L_H`` with
+    """ATKD loss (Zhong et al. 2024, arXiv:2402.11890): ``lambda * L_E + (1 - lambda) * L_H`` with
     ``L_E = sum_E NCKD / |E|`` and ``L_H = sum_H (TCKD + NCKD) / |H|``; E/H split the scored tokens
     by the teacher's uncertainty ``1 - p_g`` (hard = the ``k`` most uncertain, ties hard).
 

@@ -1,6 +1,7 @@
 """Token-level distillation divergences over ``[..., V]`` log-probabilities and the KD loss.
 
-Reference: spec ``kd_atkd.md`` sections 1, 2 and 8. ``p`` is the teacher, ``q`` the student.
+Divergences as in ATKD (Zhong et al. 2024, arXiv:2402.11890), DistiLLM (arXiv:2402.03898) and GKD
+(arXiv:2306.13649). ``p`` is the teacher, ``q`` the student.
 Every divergence is a true divergence (zero at ``p == q``), computed from log-probabilities in
 float32 with the convention ``0 log 0 = 0`` so that ``-inf`` logits (padded vocabulary) neither
 contribute to the value nor produce NaN gradients.
@@ -60,7 +61,8 @@ class KDConfig:
     Attributes:
       kind: one of :data:`KINDS` (see :func:`token_divergence`).
       temperature: loss temperature ``tau`` (logits are divided by it); sampling temperature is a
-        separate parameter of the data source (spec section 7, TRL PR #5731).
+        separate parameter of the data source (a TRL path that used the sampling temperature in
+        the loss was fixed in github.com/huggingface/trl/pull/5731).
       beta: generalized JSD mixing weight (``gjsd``), in [0, 1].
       skew: skew weight ``alpha`` of ``skl`` / ``srkl``, in [0, 1).
       mix: FKL weight of ``mixed_kl`` (ATKD repo: 0.9), RKL weight of ``sym_kl`` and ``1 - beta``
@@ -68,7 +70,7 @@ class KDConfig:
       hard_weight, soft_weight: ``L = hard_weight * CE(q, y) + soft_weight * KD``; default pure KD.
         The hard cross-entropy is taken at temperature 1.
       scale_by_temperature_squared: multiply the soft term by ``tau**2`` (Hinton); off by default
-        because no LM peer does it (spec section 2).
+        because none of the official ATKD code, TRL and Liger-Kernel does it.
       ignore_index: label value that marks unscored positions.
       valid_vocab_size: if set, both logit tensors are sliced to ``[..., :valid_vocab_size]``
         (padded embedding tables); otherwise their vocab sizes must match.
@@ -202,7 +204,7 @@ def align(labels, mask, lead_shape, *, shift: bool, ignore_index: int):
 
     Returns ``(targets, m)``: ``targets`` int32 with ignored positions replaced by 0 (a legal
     gather index), ``m`` bool; both of shape ``lead_shape`` with the time axis shortened by one
-    when ``shift`` (logits at ``t`` predict the token at ``t + 1``, spec section 1).
+    when ``shift`` (logits at ``t`` predict the token at ``t + 1``).
     """
     m = jnp.ones(lead_shape, bool)
     targets = jnp.zeros(lead_shape, jnp.int32)
@@ -268,7 +270,7 @@ def _gjsd(log_q: Array, log_p: Array, beta: float) -> Array:
 
 def token_divergence(log_q: Array, log_p: Array, kind: str = "fkl", *, beta: float = 0.5,
                      skew: float = 0.1, mix: float = 0.9) -> Array:
-    """Per-token divergence summed over the vocab (last axis), spec section 2.
+    """Per-token divergence summed over the vocab (last axis).
 
     Args:
       log_q: student log-probabilities ``[..., V]`` (already normalised, float32).
@@ -307,7 +309,7 @@ def token_divergence(log_q: Array, log_p: Array, kind: str = "fkl", *, beta: flo
         return w_f * kl_from_logs(log_p, log_q) + (1.0 - w_f) * kl_from_logs(log_q, log_p)
     if kind in ("gjsd", "js_distance"):
         b = beta if kind == "gjsd" else 1.0 - mix
-        # Endpoints are exact special cases, never clamped (verl-recipe #151, TRL PR #3043).
+        # Endpoints are exact special cases, never clamped (github.com/huggingface/trl/pull/3043).
         if b == 0.0:
             return kl_from_logs(log_p, log_q)
         if b == 1.0:
@@ -367,13 +369,13 @@ def kd_loss(student_logits: Array, teacher_logits: Array, labels: Array | None =
             soft_weight: float = 1.0, scale_by_temperature_squared: bool = False,
             ignore_index: int = -100, shift: bool = True, valid_vocab_size: int | None = None,
             reduction: str = "mean", denominator=None, return_aux: bool = False):
-    """Token-level KD loss between student and teacher logits (spec sections 1, 2).
+    """Token-level KD loss between student and teacher logits.
 
     ``L = sum_t m_t * (soft_weight * s * D_t + hard_weight * CE_t) / max(1, n)`` where ``D_t`` is
     :func:`token_divergence` at temperature ``tau``, ``s = tau**2`` if
     ``scale_by_temperature_squared`` else 1, and ``n = sum_t m_t`` unless ``denominator`` is
     given (pass the GLOBAL number of scored tokens under gradient accumulation or data
-    parallelism, spec section 7, TRL #4719).
+    parallelism; github.com/huggingface/trl/issues/4719 shows the bias otherwise).
 
     Args:
       student_logits, teacher_logits: float ``[B, T, V]`` (or ``[N, V]`` with ``shift=False``);

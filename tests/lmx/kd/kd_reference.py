@@ -1,5 +1,6 @@
-"""Float64 NumPy reference of spec kd_atkd.md sections 2-4, written from the formulas (probability
-space, loops where clearer); the library code is checked against it."""
+"""Float64 NumPy reference of the KD divergences and the ATKD decomposition and loss (Zhong et al.
+2024, arXiv:2402.11890), written from the formulas (probability space, loops where clearer); the
+library code is checked against it."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""Known-answer tests for the ATKD decomposition, split and loss (spec kd_atkd.md 3, 4, 10)."""
+"""Known-answer tests for the ATKD decomposition, split and loss (Zhong et al. 2024,
+arXiv:2402.11890; split rule of the official code, github.com/WHU-ZQH/ATKD)."""
 import jax
 from jax.test_util import check_grads
 import jax.numpy as jnp
@@ -79,7 +80,7 @@ def test_nckd_ignores_student_target_logit_and_tckd_only_sees_q_g():
     np.testing.assert_allclose(t1[same_lse], t0[same_lse], rtol=1e-5)
 
 
-def test_split_fixture_from_spec():
+def test_split_fixture_hand_worked():
     unc = jnp.array([0.1, 0.4, 0.2, 0.3, 0.05])
     valid = jnp.array([True, True, True, True, False])
     theta = atkd_threshold(jnp.log(unc), valid)

@@ -1,4 +1,4 @@
-"""Known-answer tests for the KD divergences and kd_loss (spec kd_atkd.md section 10)."""
+"""Known-answer tests for the KD divergences and kd_loss."""
 import math
 
 import jax
@@ -248,13 +248,13 @@ def test_vocab_sharded_matches_unsharded():
     if devices.size < 4:
         pytest.skip("needs 4 host devices (tests/conftest.py sets 8)")
     mesh = jax.sharding.Mesh(devices, ("tensor",))
-    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "tensor"))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "tensor"))
     zs, zt = _logits(33, (2, 6, 32)), _logits(34, (2, 6, 32))
     labels = _labels(35, 2, 6, 32)
     f = jax.jit(jax.value_and_grad(lambda s, t: kd_loss(s, t, labels, kind="gjsd",
                                                         hard_weight=0.5)))
     v0, g0 = f(zs, zt)
-    v1, g1 = f(jax.device_put(zs, spec), jax.device_put(zt, spec))
+    v1, g1 = f(jax.device_put(zs, sharding), jax.device_put(zt, sharding))
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     np.testing.assert_allclose(g1, g0, atol=1e-7)
 

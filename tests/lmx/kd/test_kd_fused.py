@@ -1,4 +1,4 @@
-"""Fused chunked path == unfused losses (spec kd_atkd.md section 10, test 13)."""
+"""Fused chunked path == unfused losses."""
 import dataclasses
 
 import jax
