@@ -384,7 +384,9 @@ class Engine:
         # the caches are donated: XLA updates them in place instead of copying S_max columns
         self._prefill = jax.jit(prefill, donate_argnums=(1, 2))
         self._decode_step = jax.jit(decode, donate_argnums=(1, 2), static_argnames=("batch", "span"))
-        self._ck, self._cv = slot_decode.init_slot_cache(model, n_slots, max_len)
+        self._new_cache = lambda: slot_decode.init_slot_cache(model, n_slots, max_len)
+        self._ck, self._cv = self._new_cache()
+        self._model_lock = threading.Lock()  # the loop's steps vs. warmup() from another thread
 
         self.metrics = Metrics()
         self._waiting: collections.deque[Stream] = collections.deque()
@@ -429,17 +431,22 @@ class Engine:
     def warmup(self) -> int:
         """Compile every (prompt bucket) and (batch bucket, span bucket) variant; returns the count.
 
-        Runs on the caller's thread before :meth:`start` (or while idle): it only writes free
-        slots' cache rows.
+        Runs on the caller's thread, between the loop's steps, and only while no request runs
+        (it writes cache rows of idle slots); RuntimeError otherwise.
         """
+        with self._model_lock:
+            return self._warmup()
+
+    def _warmup(self) -> int:
+        if self.metrics.running:
+            raise RuntimeError("warmup() needs an idle engine: requests are running")
         t0 = time.perf_counter()
+        # log-probs and sampling are lax.cond branches of the same programs: one call per shape
         for T in self.prompt_buckets:
             self._run_prefill(np.zeros(T, np.int32), 1, 0, self._sampling_rows([None]), False)
-            self._run_prefill(np.zeros(T, np.int32), 1, 0, self._sampling_rows([None]), True)
         for B in self.batch_buckets:
             for S in self.span_buckets:
-                for want in (False, True):
-                    self._run_decode(B, S, self._sampling_rows([None] * B), want)
+                self._run_decode(B, S, self._sampling_rows([None] * B), False)
         self.warm = True
         log.info("engine warm-up: %d variants compiled in %.1f s", self.compile_count(),
                  time.perf_counter() - t0)
@@ -521,10 +528,13 @@ class Engine:
                 if not self._running:
                     break
             try:
-                self._step()
+                with self._model_lock:
+                    self._step()
             except Exception as e:  # noqa: BLE001 - every waiting client must get an answer
                 log.exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
+                # a failed call may have consumed the donated cache buffers: start from fresh ones
+                self._ck, self._cv = self._new_cache()
         self._fail_all("engine stopped")
 
     def _fail_all(self, msg: str) -> None:
@@ -562,7 +572,9 @@ class Engine:
             with self._cv_lock:
                 if not self._waiting:
                     break
-                if m.running > 0 and budget < len(self._waiting[0].request.prompt):
+                # at least one join per iteration, more while the prompt-token budget lasts
+                if m.running > 0 and budget < min(len(self._waiting[0].request.prompt),
+                                                  self.prefill_tokens_per_step):
                     break
                 s = self._waiting.popleft()
                 m.queue_length = len(self._waiting)
