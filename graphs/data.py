@@ -1,9 +1,10 @@
 """Graph data on jraph ``GraphsTuple``: validation, featurisation, offline datasets, padded batches.
 
-Spec: ``shared/specs/gtsp_graphs.md`` §3.1-3.2 (jraph state, bucketed padding), §2.4 (OGB features),
-§4 (offline data). jraph is used only for ``GraphsTuple``, ``batch_np`` and ``pad_with_graphs``
-(host-side, numpy); ``jraph.zero_out_padding`` and ``jraph.get_fully_connected_graph`` are broken on
-current JAX (they call the removed ``jax.tree_map``/``jax.tree_leaves``) and are never used here.
+Molecule features follow OGB's ``smiles2graph`` (Hu et al. 2020, arXiv:2005.00687); batches are
+padded to a few size buckets so that each compiles once. jraph is used only for ``GraphsTuple``,
+``batch_np`` and ``pad_with_graphs`` (host-side, numpy); ``jraph.zero_out_padding`` and
+``jraph.get_fully_connected_graph`` are broken on current JAX (they call the removed
+``jax.tree_map``/``jax.tree_leaves``) and are never used here.
 
 A single graph is a ``GraphsTuple`` with numpy arrays: ``nodes`` int32 ``[n, F]`` (categorical
 features, one column per feature) or float32 ``[n, F]``; ``edges`` int32 ``[e, Fe]`` or ``None``;
@@ -197,10 +198,10 @@ class GraphDataset:
 
 
 def _package_dir(package: str) -> pathlib.Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
         raise FileNotFoundError(f"package {package!r} is not installed (needed for its bundled data)")
-    return pathlib.Path(spec.origin).parent
+    return pathlib.Path(found.origin).parent
 
 
 def load_mutag() -> GraphDataset:
@@ -364,7 +365,7 @@ def from_tfds_examples(examples: Iterable[dict], *, name: str = "tfds", task: st
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic tasks (spec §4.3)
+# Synthetic tasks where attention (key retrieval) or distances (SPD parity) matter
 # ----------------------------------------------------------------------------------------------
 
 def _random_tree(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -459,7 +460,8 @@ def spd_parity(n_graphs: int, *, seed: int = 0, n_range: tuple = (12, 24),
 def spd_and_paths(g: jraph.GraphsTuple, max_hops: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """All-pairs shortest-path distance int32 ``[n, n]`` (-1 = unreachable) and, for every pair,
     the local edge ids of the first ``min(spd, max_hops)`` edges of one shortest path int32
-    ``[n, n, max_hops]`` (-1 = none). Reference: Graphormer spatial/edge encoding (spec §2.2).
+    ``[n, n, max_hops]`` (-1 = none). Reference: Graphormer's spatial and edge
+    encodings (Ying et al. 2021, arXiv:2106.05234, Sec. 3.1).
     """
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import shortest_path
@@ -744,7 +746,7 @@ def bucket_budgets(ds: GraphDataset, batch_size: int, num_buckets: int = 2,
                    multiple: int = 8) -> list[tuple[int, int, int, int]]:
     """Size buckets ``(max_nodes, n_node, n_edge, n_graph)``: graphs are split at node-count
     quantiles; each bucket's dense width is rounded up to ``multiple`` and its flat budgets hold
-    ``batch_size`` graphs of the bucket's largest size (one compile per bucket, spec §3.2).
+    ``batch_size`` graphs of the bucket's largest size (one compile per bucket).
     """
     if batch_size < 1 or num_buckets < 1:
         raise ValueError(f"batch_size and num_buckets must be >= 1, got {batch_size}, {num_buckets}")

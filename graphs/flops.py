@@ -1,4 +1,4 @@
-"""Analytic FLOPs counter for the three backbones (spec §1.7; FLOPs = 2 x MACs of every matmul).
+"""Analytic FLOPs counter for the three backbones (FLOPs = 2 x MACs of every matmul).
 
 ``count_flops(cfg, n, e, ...)`` counts the matmuls that :class:`graphs.models.GraphModel`
 executes on a batch of ``b`` graphs padded to dense width ``m`` with ``n`` flat nodes and ``e``
@@ -6,8 +6,9 @@ flat edges (for one unpadded graph: ``b = 1, m = n``). Biases, norms, activation
 segment sums and embedding lookups are not matmuls: they are reported as ``aux`` (one FLOP per
 element-op, an estimate), never mixed into ``core``.
 
-``faithful_flops`` applies the spec's theoretical scaling rules for masks that do not change the
-executed computation (S1's token zero-masking, unstructured weight density, drop path).
+``faithful_flops`` applies theoretical scaling rules (see its docstring) for masks that do not
+change the executed computation (the official GTSP code's token zero-masking, unstructured weight
+density, drop path).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from graphs.models import GTConfig
 def attention_core(T: int, d: int, h: int, dh: int, b: int = 1, kq: int | None = None) -> dict:
     """Matmul FLOPs of one MHA on ``b`` sequences of ``T`` tokens (``kq`` gathered tokens if set):
     Q,K,V ``6 T d h dh``, scores + weighted values ``4 T^2 h dh``, output ``2 T h dh d``.
-    For N=10, d=64, h=4: 245,760 + 25,600 + 81,920 = 353,280 (spec K7)."""
+    For N=10, d=64, h=4: 245,760 + 25,600 + 81,920 = 353,280 (a hand-computed check)."""
     t = T if kq is None else kq
     return {"qkv": b * 6 * t * d * h * dh, "scores": b * 4 * t * t * h * dh,
             "out": b * 2 * t * h * dh * d}
@@ -105,7 +106,7 @@ def dataset_flops(cfg: GTConfig, graphs, *, gated: bool = False) -> float:
 def faithful_flops(cfg: GTConfig, n: int, e: int, *, token_keep: float = 1.0,
                    head_density: float = 1.0, layers_removed: int = 0,
                    weight_density: float = 1.0) -> dict:
-    """Theoretical inference FLOPs under the spec §1.7 scaling rules (one unpadded graph):
+    """Theoretical inference FLOPs under these scaling rules (one unpadded graph):
     token keep r -> ``T`` replaced by ``ceil(rT)`` in the score terms only (tokens are zeroed, not
     gathered); head density -> projections and score terms x h'/h; removed layers subtracted;
     weight density rho -> every weight matmul x rho (unstructured, theoretical). Drop path does

@@ -1,9 +1,11 @@
-"""GTSP: four-way sparsification of Graph Transformers (spec §1, S1 = LiuChuang0059/GTSP).
+"""GTSP: four-way sparsification of Graph Transformers (Liu et al. 2023, arXiv:2312.05479).
+
+"Official code" below is the authors' PyTorch implementation, github.com/LiuChuang0059/GTSP.
 
 Axes and policies (``mode``):
 
 ===========  ===============================================  ==============================================
-axis         faithful (as S1's code)                           clean (exact, physically removable)
+axis         faithful (as the official code)                   clean (exact, physically removable)
 ===========  ===============================================  ==============================================
 tokens       zero-input masking, batch-level k = floor(rL),   per-graph k_i = ceil(r n_i), padding excluded,
              padding eligible, Gumbel at eval, last forced     dropped tokens removed as keys, zero output;
@@ -37,12 +39,14 @@ from graphs.models import Gates, GraphModel, GTConfig
 
 @dataclasses.dataclass(frozen=True)
 class GTSPConfig:
-    """Sparsity per axis in [0, 1) and S1's schedule (spec §1.3, §1.5, §1.9).
+    """Sparsity per axis in [0, 1) and the official code's schedules (heads, weights; GraNet,
+    Liu et al. 2021, arXiv:2106.10404).
 
-    ``update_every`` = S1's update_frequency / GraNet ΔT (steps); pruning events run between
-    ``prune_start`` and ``prune_end`` (fractions of training, S1: epochs 10 and 80 of 100);
+    ``update_every`` = the official update_frequency / GraNet ΔT (steps); pruning events run between
+    ``prune_start`` and ``prune_end`` (fractions of training; official: epochs 10 and 80 of 100);
     ``death_rate`` = GraNet's initial death/regrowth fraction (cosine-decayed to 0.005);
-    ``head_death`` = S1's growth_death_ratio; ``double_step`` reproduces S1's second optimizer step
+    ``head_death`` = the official growth_death_ratio; ``double_step`` reproduces the official code's
+    second optimizer step
     (a bug; off by default).
     """
 
@@ -103,7 +107,7 @@ def event_steps(total_steps: int, cfg: GTSPConfig) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 def is_prunable(x) -> bool:
-    """S1 masks every parameter with >= 2 dims (Linear kernels, embeddings, classifier)."""
+    """The official code masks every parameter with >= 2 dims (kernels, embeddings, classifier)."""
     return getattr(x, "ndim", 0) >= 2
 
 
@@ -119,7 +123,8 @@ def apply_masks(params, masks):
 
 def global_magnitude_masks(params, masks, density: float):
     """Keep the ``round(density x total)`` largest ``|w ⊙ m|`` entries over all prunable tensors
-    (one global threshold, S1/GraNet). Non-prunable leaves keep all-ones masks."""
+    (one global threshold, as the official code and GraNet). Non-prunable leaves keep all-ones
+    masks."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     leaves, tdef = jax.tree.flatten(params)
@@ -221,7 +226,8 @@ def structured_unit_masks(scores: np.ndarray, current: np.ndarray, density: floa
 def initial_heads(L: int, H: int, density: float, rng: np.random.Generator,
                   mode: str) -> np.ndarray:
     """Active-head mask ``[L, H]`` with ``max(1, round(density H))`` heads per layer: a random
-    subset in faithful mode (S1) and the first heads in clean mode (importance decides later)."""
+    subset in faithful mode (official code) and the first heads in clean mode (importance decides
+    later)."""
     k = max(1, int(round(density * H)))
     m = np.zeros((L, H), np.float32)
     for li in range(L):
@@ -232,7 +238,7 @@ def initial_heads(L: int, H: int, density: float, rng: np.random.Generator,
 
 def head_death_regrowth(active: np.ndarray, score: np.ndarray, gnorm: np.ndarray,
                         ratio: float) -> np.ndarray:
-    """S1 head update per layer: kill ``ceil(ratio x #active)`` active heads with the lowest
+    """Official head update per layer: kill ``ceil(ratio x #active)`` active heads with the lowest
     ``score``, then enable as many heads among the now-inactive ones (just-killed included) with
     the highest ``gnorm``. The active count is unchanged (dynamic sparse training over heads)."""
     out = active.copy()
@@ -262,7 +268,7 @@ def progressive_heads(active: np.ndarray, score: np.ndarray, density: float) -> 
 
 
 def make_probes(model: GraphModel, batch, n_heads: int):
-    """Zero-effect probes for S1's faithful head importance: per layer ``(mul [B, H] = 1,
+    """Zero-effect probes for the official (faithful) head importance: per layer ``(mul [B, H] = 1,
     add [B, T, d] = 0)`` on the attention output after W_O (channel blocks = "heads")."""
     B = batch.dense_index.shape[0]
     T = model.tokens_per_graph(batch)
@@ -271,8 +277,9 @@ def make_probes(model: GraphModel, batch, n_heads: int):
 
 
 def probe_importance(probe_grads, graph_mask, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
-    """S1 scores from probe gradients: ``score_h = mean_b |sum_{n,c in h} o dL/do|`` (= the mul
-    gradient) and ``gnorm_h = mean_b sum_{n,c in h} |dL/do|`` (from the add gradient)."""
+    """Official-code head scores from probe gradients:
+    ``score_h = mean_b |sum_{n,c in h} o dL/do|`` (= the mul gradient) and
+    ``gnorm_h = mean_b sum_{n,c in h} |dL/do|`` (from the add gradient)."""
     gm = np.asarray(graph_mask, np.float32)
     nb = max(gm.sum(), 1.0)
     score, gnorm = [], []

@@ -1,7 +1,8 @@
 """Building blocks: gated multi-head attention, token selection, GIN(E), FFN, dense<->flat views.
 
-Spec: ``shared/specs/gtsp_graphs.md`` §1.2-1.5 (masks), §1.10 (faithful vs clean), §3.2-3.4
-(dense per-graph attention, segment attention, masks as call arguments). Softmax and attention
+GTSP masks (Liu et al. 2023, arXiv:2312.05479) in two policies (``faithful`` to the official code
+github.com/LiuChuang0059/GTSP, ``clean``: exact and removable; see :mod:`graphs.gtsp`), dense
+per-graph or segment attention, masks passed as call arguments. Softmax and attention
 logits are computed in float32. Padding tokens are excluded with a finite fill (``NEG``) so rows
 without any valid key stay finite.
 """
@@ -118,7 +119,7 @@ def _ranks(x: jax.Array) -> jax.Array:
 
 def select_tokens(scores: jax.Array, valid: jax.Array, keep: jax.Array, *, mode: str,
                   train: bool, rng: jax.Array | None, always: jax.Array | None = None):
-    """GTSP node-token mask (spec §1.2 faithful, §1.10 clean).
+    """GTSP node-token mask (``faithful``: the official code's; ``clean``: exact per graph).
 
     Args:
       scores: float ``[B, L]`` token scores (a learned linear map of the layer input).
@@ -176,10 +177,10 @@ class MHA(nnx.Module):
 
     ``out = W_O concat_h(g_h * softmax(q_h k_h^T / sqrt(d_h) + bias_h) v_h) + b_O`` with
     key-padding mask. Hooks: ``head_gate`` [H] (clean: scales true per-head outputs before W_O, so
-    g_h = 0 removes head h exactly), ``head_kernel_mask`` [H] (faithful, S1: zeroes the Q/K/V
-    weight columns of a head but not biases or W_O, so an inactive head still leaks b_V),
-    ``probe`` (mul [B, H], add [B, T, d]) on the output-projection output split into H channel
-    blocks (S1's Taylor score location).
+    g_h = 0 removes head h exactly), ``head_kernel_mask`` [H] (faithful, as the official code:
+    zeroes the Q/K/V weight columns of a head but not biases or W_O, so an inactive head still
+    leaks b_V), ``probe`` (mul [B, H], add [B, T, d]) on the output-projection output split into
+    H channel blocks (where the official code takes its Taylor score).
     """
 
     def __init__(self, d: int, n_heads: int, head_dim: int, *, rngs: nnx.Rngs):

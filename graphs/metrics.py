@@ -1,4 +1,5 @@
-"""Metrics with the OGB evaluator's definitions (spec §4.4, K12), numpy only.
+"""Metrics with the OGB evaluator's definitions (github.com/snap-stanford/ogb,
+``ogb/graphproppred/evaluate.py``), numpy only.
 
 ``roc_auc_ogb`` / ``average_precision_ogb``: inputs ``[num_graphs, num_tasks]``; per task, only
 non-NaN labels count and a task is skipped unless both classes occur among them; the result is

@@ -1,4 +1,5 @@
-"""GraphTrans, Graphormer and GraphGPS in Flax NNX with GTSP gates (spec §2, §1.10, §3.4).
+"""GraphTrans (arXiv:2201.08821), Graphormer (arXiv:2106.05234) and GraphGPS (arXiv:2205.12454) in
+Flax NNX with GTSP gates (Liu et al. 2023, arXiv:2312.05479).
 
 All three share one call signature::
 
@@ -11,7 +12,7 @@ mask values never recompile). ``gates=None`` runs the unpruned model.
 
 Deviations (documented in docs/graphs.md): LayerNorm replaces BatchNorm everywhere (padding- and
 batch-composition-invariant, no running statistics in a pure train step); GraphGPS uses GINE as
-its local MPNN (S1's choice; GatedGCN is not implemented).
+its local MPNN (the official GTSP code's choice; GatedGCN is not implemented).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class _AttnBlock(nnx.Module):
                                       rng=_rng(rng, 7), always=always)
         m = mask[..., None].astype(x.dtype)
         if mode == "faithful":
-            # S1: dropped tokens are zeroed but still act as queries/keys/values
+            # official GTSP code: dropped tokens are zeroed but still act as queries/keys/values
             return self.attn(x * m, valid, bias=bias, head_kernel_mask=hk, probe=probe)
         return self.attn(x, valid & hard, bias=bias, head_gate=hg, probe=probe) * m
 
@@ -198,7 +199,7 @@ def _layer_gate(gates, li, mode, train, rng, n_graph):
 
 
 def _mix(g, new, old):
-    # g * new + (1 - g) * old: exactly `new` at g = 1 and exactly `old` at g = 0 (spec K3)
+    # g * new + (1 - g) * old: exactly `new` at g = 1 and exactly `old` at g = 0
     return g * new + (1.0 - g) * old
 
 
@@ -223,15 +224,18 @@ class _GPSLayer(nnx.Module):
 class GraphModel(nnx.Module):
     """GraphTrans / Graphormer / GraphGPS selected by ``cfg.backbone``.
 
-    * GraphTrans (Wu et al. 2021, S6): GIN encoder (``gnn_layers``) -> Linear -> post-norm
-      Transformer over nodes + trailing learned CLS token (no PE) -> final LayerNorm -> CLS -> head.
-    * Graphormer (Ying et al. 2021, S7): [VNode] + nodes, node embedding + degree (centrality)
-      embedding, per-head bias = spatial b(SPD) + multi-hop edge encoding (mean over the first
-      min(SPD, max_hops) path edges of <edge-emb_n, w_n>), learned VNode<->node scalar per head;
-      pre-LN layers, final LN, VNode readout.
-    * GraphGPS (Rampasek et al. 2022, S8): atom embedding (d - pe_width) ++ Linear(PE) (RWSE or
-      LapPE with random sign flips in training); per layer h_M = LN(h + GINE(h)),
-      h_A = LN(h + MHA(h)), h = LN((h_M + h_A) + FFN(h_M + h_A)); mean/sum readout.
+    * GraphTrans (Wu et al. 2021, arXiv:2201.08821; github.com/ucbrise/graphtrans): GIN encoder
+      (``gnn_layers``) -> Linear -> post-norm Transformer over nodes + trailing learned CLS token
+      (no PE) -> final LayerNorm -> CLS -> head.
+    * Graphormer (Ying et al. 2021, arXiv:2106.05234; github.com/microsoft/Graphormer): [VNode] +
+      nodes, node embedding + degree (centrality) embedding, per-head bias = spatial b(SPD) +
+      multi-hop edge encoding (mean over the first min(SPD, max_hops) path edges of
+      <edge-emb_n, w_n>), learned VNode<->node scalar per head; pre-LN layers, final LN, VNode
+      readout.
+    * GraphGPS (Rampasek et al. 2022, arXiv:2205.12454; github.com/rampasek/GraphGPS): atom
+      embedding (d - pe_width) ++ Linear(PE) (RWSE or LapPE with random sign flips in training);
+      per layer h_M = LN(h + GINE(h)), h_A = LN(h + MHA(h)), h = LN((h_M + h_A) + FFN(h_M + h_A));
+      mean/sum readout.
     All use a 2-layer MLP head (d -> d/2 -> n_out).
     """
 
@@ -322,7 +326,8 @@ class GraphModel(nnx.Module):
                     raise ValueError(f"gates.{k} must have shape {shp}, got "
                                      f"{tuple(getattr(gates, k).shape)}")
         if probes is not None and (mode != "faithful" or self.cfg.attention != "dense"):
-            raise ValueError("head probes implement S1's faithful importance (dense attention)")
+            raise ValueError("head probes implement the official GTSP code's faithful importance "
+                             "(dense attention)")
         spec = self.cfg.batch_spec()
         if spec.spd and batch.spd is None:
             raise ValueError("Graphormer needs batch.spd/path_edges: build batches with "

@@ -28,7 +28,7 @@ from graphs.parallel import batch_sharding, data_mesh, data_parallel_size, repli
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """Optimiser and loop settings (S1: Adam lr 1e-3, wd 1e-5, batch 128)."""
+    """Optimiser and loop settings (official GTSP code: Adam lr 1e-3, wd 1e-5, batch 128)."""
 
     steps: int = 300
     lr: float = 1e-3
@@ -97,8 +97,8 @@ def make_train_step(graphdef, tx, task: str, mode: str, double_step: bool = Fals
     loss)``, cached per (graph structure, optimizer, task, mode) so repeated fits reuse the compile.
 
     Gradients are taken w.r.t. the effective weights ``w ⊙ m`` and masked; pruned weights are
-    zeroed after the update (S1). ``double_step`` applies the optimizer a second time with the
-    same gradients (S1's bug, spec §1.5)."""
+    zeroed after the update (as the official GTSP code). ``double_step`` applies the optimizer a
+    second time with the same gradients (a bug of the official GTSP code, kept for reproduction)."""
 
     def step(params, rest, opt_state, masks, gates, batch, rng):
         eff = G.apply_masks(params, masks)
@@ -118,7 +118,8 @@ def make_train_step(graphdef, tx, task: str, mode: str, double_step: bool = Fals
 @functools.lru_cache(maxsize=64)
 def make_event_grads(graphdef, task: str, mode: str):
     """Jitted gradients used at GTSP events: w.r.t. effective weights (dense; GraNet regrowth),
-    gates (clean Taylor importance) and probes (faithful S1 head importance)."""
+    gates (clean Taylor importance) and probes (the official GTSP code's faithful head
+    importance)."""
 
     def fn(params, rest, masks, gates, batch, rng, probes, train):
         eff = G.apply_masks(params, masks)
@@ -206,7 +207,7 @@ def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConf
     opt_state = jax.device_put(tx.init(params), rep)
     # placed like the masks GTSP events write back, so the train step compiles once per shape
     masks = jax.device_put(G.ones_masks(params), rep)
-    # faithful: S1's random initial active set; clean: start dense, prune progressively
+    # faithful: the official random initial active set; clean: start dense, prune progressively
     head_mask = G.initial_heads(L, H, 1.0 - gcfg.head, rng_np, gcfg.mode) \
         if gcfg.head > 0 and gcfg.mode == "faithful" else np.ones((L, H), np.float32)
     units = np.ones((L, F), np.float32)
@@ -273,7 +274,7 @@ def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConf
                     masks = G.global_magnitude_masks(cur, masks, dens)
                     rate = G.cosine_death_rate(step, cfg.steps, gcfg.death_rate)
                     masks, grown = G.death_regrowth(cur, masks, jax.device_get(g_eff), rate)
-                    # pruned and regrown weights start at zero (S1 zeroes them physically)
+                    # pruned and regrown weights start at zero (the official code zeroes them too)
                     params = jax.tree.map(lambda p, m, r: p * m * (1 - r), params, masks, grown)
                     masks = jax.device_put(masks, rep)
                     params = jax.device_put(params, rep)

@@ -6,9 +6,10 @@ sparsity, plus the ``combined`` settings: all four axes, or a listed subset); th
 gets the same extra steps without pruning. With ``folds`` (MUTAG) each seed runs a k-fold
 cross-validation and its metric is scored on the pooled test predictions of all folds.
 Clean-mode models are exported (physically smaller) and evaluated as exported; faithful-mode
-models are evaluated with their masks (S1 semantics). FLOPs are the analytic core FLOPs per test
-graph (unpadded): executed for clean exports, theoretical (spec §1.7) for faithful masks. Inference time (first seed only): a jitted forward over all graphs of the
-dataset in padded batches; the dense and all pruned models of one backbone are timed in the same
+models are evaluated with their masks (the official GTSP code's semantics). FLOPs are the
+analytic core FLOPs per test graph (unpadded): executed for clean exports, theoretical
+(:func:`graphs.flops.faithful_flops`) for faithful masks. Inference time (first seed only): a
+jitted forward (:func:`graphs.train.eval_forward`) over all graphs of the dataset in padded batches; the dense and all pruned models of one backbone are timed in the same
 process, interleaved (one pass of each per round, after a warm-up pass each), and each row
 reports the median over rounds, so machine-load drift hits all rows alike.
 

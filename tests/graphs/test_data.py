@@ -1,4 +1,4 @@
-"""Data layer: loaders (K13), validation errors, padding/masks, encodings (K11), adapters."""
+"""Data layer: loaders, validation errors, padding/masks, encodings, adapters."""
 import gzip
 
 import jraph
@@ -202,10 +202,10 @@ def test_collate_of_mismatched_feature_widths_names_the_graph():
 
 def test_batch_graphs_pads_tightly_with_the_encodings_asked_for():
     a, b = _two_graphs()
-    spec = data.BatchSpec(spd=True, max_hops=2, pe="rwse", pe_dim=4)
-    bt = data.batch_graphs(jraph.batch_np([a, b]), spec)
+    want = data.BatchSpec(spd=True, max_hops=2, pe="rwse", pe_dim=4)
+    bt = data.batch_graphs(jraph.batch_np([a, b]), want)
     assert bt.graph_mask.tolist() == [True, True, False]
     assert bt.node_mask.sum() == 5 and bt.pe.shape == (6, 4) and bt.spd.shape == (3, 3, 3)
     assert bt.spd[0, 0, 2] == 2 and bt.spd[1, 0, 1] == 1
-    same = data.batch_graphs([a, b], spec)
+    same = data.batch_graphs([a, b], want)
     np.testing.assert_array_equal(same.spd, bt.spd)

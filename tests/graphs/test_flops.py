@@ -1,4 +1,4 @@
-"""FLOPs counter vs hand counts, jaxpr dot counts and XLA cost analysis (K7)."""
+"""FLOPs counter vs hand counts, jaxpr dot counts and XLA cost analysis ."""
 import dataclasses
 
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""GTSP schedules and mask updates (K4 and the S1 schedules), host-side numpy."""
+"""GTSP schedules and mask updates (the official GTSP code's schedules), host-side numpy."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Metric parity with the OGB evaluator's definitions and sklearn (K12)."""
+"""Metric parity with the OGB evaluator's definitions and sklearn."""
 import importlib.util
 
 import numpy as np
@@ -34,9 +34,9 @@ def test_matches_ogb_evaluator_file():
     import pathlib
 
     path = pathlib.Path(importlib.util.find_spec("ogb").origin).parent / "graphproppred" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("ogb_eval", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    found = importlib.util.spec_from_file_location("ogb_eval", path)
+    mod = importlib.util.module_from_spec(found)
+    found.loader.exec_module(mod)
     rng = np.random.default_rng(1)
     y = (rng.random((100, 1)) < 0.4).astype(float)
     s = rng.normal(size=(100, 1))

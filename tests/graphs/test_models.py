@@ -1,4 +1,5 @@
-"""Backbones + GTSP masks: known-answer tests K1-K3, K5, K6, K8-K10, K15, clean export."""
+"""Backbones + GTSP masks: known-answer tests (masks, gates, tokens, invariances, faithful quirks),
+clean export, input errors."""
 import dataclasses
 
 import jax
@@ -212,13 +213,13 @@ def test_faithful_quirks():
 def test_faithful_head_mask_leaks_bias(bundle):
     cfg, m, b = bundle["graphtrans"]
     m = nnx.clone(m)
-    for layer in m.layers:                    # nnx initialises biases at 0; S1's leak needs b_V != 0
+    for layer in m.layers:                    # nnx initialises biases at 0; the leak needs b_V != 0
         v = layer.block.attn.v.bias
         v[...] = jnp.linspace(-1.0, 1.0, v.shape[0])
     head = [[0.0, 1.0], [1.0, 1.0]]
     clean = run(m, b, gtsp.gates_from(cfg, head=head), mode="clean")
     faithful = run(m, b, gtsp.gates_from(cfg, head=head), mode="faithful", rng=jax.random.key(0))
-    # S1 leaves b_V and W_O of an inactive head in place: its output is not removed
+    # the official GTSP code leaves b_V and W_O of an inactive head in place: its output is not removed
     assert float(np.abs(_real(clean, b) - _real(faithful, b)).max()) > 1e-4
     attn = m.layers[0].block.attn
     x = jnp.ones((1, 3, cfg.d_model))
