@@ -66,6 +66,24 @@ def render_chat(tokenizer: Any, messages: list, **template_kw) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **template_kw)
 
 
+def _encoder(tokenizer: Any, col: str, eos: int) -> Callable[[dict], dict]:
+    """``batch -> {"input_ids": ids + [eos] per document}`` (rendering chats first)."""
+
+    def tok(batch):
+        texts = batch[col] if col != "messages" else [render_chat(tokenizer, m) for m in batch[col]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [list(x) + [eos] for x in ids]}
+
+    return tok
+
+
+def _eos(tokenizer: Any, eos_id: int | None) -> int:
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; pass eos_id to separate documents")
+    return eos
+
+
 def tokenize_corpus(ds, tokenizer: Any, *, column: str | None = None, eos_id: int | None = None,
                     batch_size: int = 1000, num_proc: int | None = None):
     """``ds`` -> a dataset with one column ``input_ids`` (each document's ids followed by EOS).
@@ -78,16 +96,11 @@ def tokenize_corpus(ds, tokenizer: Any, *, column: str | None = None, eos_id: in
         column with a tokenizer lacking a chat template; see :func:`load_text_corpus`.
     """
     col = _text_column(ds, column)
-    eos = tokenizer.eos_token_id if eos_id is None else eos_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; pass eos_id to separate documents")
+    eos = _eos(tokenizer, eos_id)
     if col == "messages":
         render_chat(tokenizer, [{"role": "user", "content": ""}])  # fails early without a template
 
-    def tok(batch):
-        texts = batch[col] if col != "messages" else [render_chat(tokenizer, m) for m in batch[col]]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return {"input_ids": [list(x) + [eos] for x in ids]}
+    tok = _encoder(tokenizer, col, eos)
 
     names = list(ds.features) if ds.features is not None else None
     kw = {} if names is None else {"remove_columns": names}
@@ -108,19 +121,48 @@ class _Packer:
         self.parts: list[np.ndarray] = []
         self.n = 0
 
-    def add(self, ids: list) -> Iterator[np.ndarray]:
-        for x in ids:
-            a = np.asarray(x, np.int32)
-            self.parts.append(a)
-            self.n += a.size
-            while self.n >= self.need:
-                flat = np.concatenate(self.parts)
-                out, rest = flat[:self.need], flat[self.need:]
-                self.parts, self.n = [rest], rest.size
-                yield out.reshape(-1, self.seq_len)
+    def add(self, flat: np.ndarray) -> Iterator[np.ndarray]:
+        self.parts.append(flat.astype(np.int32, copy=False))
+        self.n += flat.size
+        if self.n < self.need:
+            return
+        buf = np.concatenate(self.parts)
+        k = buf.size // self.need
+        for i in range(k):
+            yield buf[i * self.need:(i + 1) * self.need].reshape(-1, self.seq_len)
+        rest = buf[k * self.need:].copy()
+        self.parts, self.n = [rest], rest.size
 
     def rest(self) -> np.ndarray:
         return np.concatenate(self.parts) if self.parts else np.zeros(0, np.int32)
+
+
+def _id_chunks(ds, tokenizer: Any, *, column: str | None, eos_id: int | None, tokenized: bool,
+               map_batch_size: int, num_proc: int | None = None) -> Iterator[np.ndarray]:
+    """Flat id arrays (documents joined, each followed by EOS) in corpus order.
+
+    Map-style: the cached ``map`` result read back as Arrow (its list column flattened, no Python
+    lists). Streams: each batch tokenized in place (a lazy ``map`` would round-trip the ids
+    through Arrow for nothing).
+    """
+    if hasattr(ds, "n_shards") and not tokenized:
+        col = _text_column(ds, column)
+        eos = _eos(tokenizer, eos_id)
+        if col == "messages":
+            render_chat(tokenizer, [{"role": "user", "content": ""}])
+        enc = _encoder(tokenizer, col, eos)
+        for batch in ds.iter(batch_size=map_batch_size):
+            yield np.fromiter((t for x in enc(batch)["input_ids"] for t in x), np.int32)
+        return
+    tok = ds if tokenized else tokenize_corpus(ds, tokenizer, column=column, eos_id=eos_id,
+                                               batch_size=map_batch_size, num_proc=num_proc)
+    if hasattr(tok, "n_shards"):
+        for batch in tok.iter(batch_size=map_batch_size):
+            yield np.fromiter((t for x in batch["input_ids"] for t in x), np.int32)
+        return
+    for table in tok.with_format("arrow").iter(batch_size=map_batch_size):
+        ids = table.column("input_ids").combine_chunks()
+        yield ids.flatten().to_numpy(zero_copy_only=False)
 
 
 def _check_lengths(seq_len: int, batch_size: int) -> None:
@@ -143,11 +185,10 @@ def packed_batches(ds, tokenizer: Any, seq_len: int, batch_size: int, *,
     batch, independent of the corpus size.
     """
     _check_lengths(seq_len, batch_size)
-    tok = ds if tokenized else tokenize_corpus(ds, tokenizer, column=column, eos_id=eos_id,
-                                               batch_size=map_batch_size)
     packer = _Packer(seq_len, batch_size)
-    for batch in tok.iter(batch_size=map_batch_size):
-        for rows in packer.add(batch["input_ids"]):
+    for flat in _id_chunks(ds, tokenizer, column=column, eos_id=eos_id, tokenized=tokenized,
+                           map_batch_size=map_batch_size):
+        for rows in packer.add(flat):
             yield {"tokens": rows, "mask": np.ones(rows.shape, bool)}
 
 
@@ -167,12 +208,11 @@ def pack_corpus(ds, tokenizer: Any, seq_len: int, *, n_rows: int | None = None,
     _check_lengths(seq_len, 1)
     if n_rows is not None and (not isinstance(n_rows, (int, np.integer)) or n_rows < 1):
         raise ValueError(f"n_rows must be an int >= 1 or None, got {n_rows!r}")
-    tok = tokenize_corpus(ds, tokenizer, column=column, eos_id=eos_id, batch_size=map_batch_size,
-                          num_proc=num_proc)
     packer = _Packer(seq_len, 1)
     rows: list[np.ndarray] = []
-    for batch in tok.iter(batch_size=map_batch_size):
-        rows.extend(packer.add(batch["input_ids"]))
+    for flat in _id_chunks(ds, tokenizer, column=column, eos_id=eos_id, tokenized=False,
+                           map_batch_size=map_batch_size, num_proc=num_proc):
+        rows.extend(packer.add(flat))
         if n_rows is not None and len(rows) >= n_rows:
             break
     if n_rows is not None:
