@@ -1,6 +1,7 @@
 """Chat backends behind one small interface (see :mod:`lmx.backends.base`).
 
-* :class:`LocalBackend`: a local lmx model (chat template, batched ``lmx.models.generate``).
+* :class:`LocalBackend`: a local lmx model (chat template, continuous-batching engine of
+  :mod:`lmx.serve.engine`).
 * :class:`OpenAIBackend`: any OpenAI-compatible ``/v1/chat/completions`` server.
 * :mod:`lmx.backends.testing`: scripted backends and a byte-level ChatML tokenizer for tests.
 

@@ -1,6 +1,7 @@
-"""Token-level functions for :class:`lmx.backends.local.LocalBackend` over an lmx Transformer.
+"""Scoring for :class:`lmx.backends.local.LocalBackend` over an lmx Transformer.
 
-``generate_fn`` forwards to ``lmx.models.generate``. ``logprobs_fn`` gathers the final hidden
+Generation runs on the continuous-batching engine (:mod:`lmx.serve.engine`); this module gives
+the ``logprobs_fn`` for label probabilities. It gathers the final hidden
 states at the requested positions and projects only those rows onto the vocabulary, so that
 scoring a 49k-vocabulary model costs [B, P, V] rather than [B, T, V] memory. Shapes are padded to
 buckets (batch: multiple of 8; length and positions: powers of two) so the jitted function
@@ -27,14 +28,8 @@ def _gather_logprobs(model, tokens, mask, positions):
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-def make_fns(model: Any, *, pad_id: int):
-    """-> (generate_fn, logprobs_fn) for ``LocalBackend`` (see its module docstring)."""
-    from lmx.models import generate
-
-    def generate_fn(prompts, *, max_new_tokens, temperature, top_p, stop_tokens, seed):
-        return generate(model, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=0, top_p=top_p,
-                        stop_tokens=tuple(stop_tokens), pad_id=pad_id, seed=seed)
+def make_logprobs_fn(model: Any, *, pad_id: int):
+    """-> ``logprobs_fn(sequences, positions)`` for ``LocalBackend`` (see its module docstring)."""
 
     def logprobs_fn(sequences, positions):
         if len(sequences) != len(positions):
@@ -58,4 +53,4 @@ def make_fns(model: Any, *, pad_id: int):
                                           jnp.asarray(pos)))
         return [out[i, :len(q)] for i, q in enumerate(positions)]
 
-    return generate_fn, logprobs_fn
+    return logprobs_fn

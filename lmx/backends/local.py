@@ -72,7 +72,8 @@ class LocalBackend:
       model_name: the id reported by the server.
       max_batch: conversations per ``generate_fn`` call (function engine) / scoring batch.
       stop_token_ids: ids that end a reply; default EOS + known end-of-turn tokens.
-      engine: a ready :class:`~lmx.serve.engine.Engine` (``from_lmx`` builds one).
+      engine: an :class:`~lmx.serve.engine.Engine`, or a function ``backend -> Engine`` (so the
+        engine can use the backend's thread-safe :meth:`decode`; ``from_lmx`` passes one).
 
     Thread-safe: the engine owns the model on its own thread and takes requests from any thread.
     """
@@ -101,7 +102,9 @@ class LocalBackend:
         # HF fast tokenizers reset their Rust truncation/padding state on every encode; two threads
         # encoding at once can fail with "Already borrowed", so all tokenizer calls are serialised
         self._tok_lock = threading.Lock()
-        if engine is None:
+        if callable(engine) and not hasattr(engine, "submit"):
+            engine = engine(self)
+        elif engine is None:
             from lmx.serve.engine import FunctionEngine
 
             engine = FunctionEngine(generate_fn, tokenizer, max_len=max_seq_len,
@@ -127,13 +130,14 @@ class LocalBackend:
 
         cfg_len = int(model.cfg.max_seq_len)
         max_len = min(cfg_len, max_seq_len or 2048)
-        _, lp = _lmx_glue.make_fns(model, pad_id=_pad_id(tokenizer))
-        backend = cls(tokenizer, None, lp, max_seq_len=max_len, model_name=model_name,
-                      max_batch=max_batch, engine=_Pending)
-        backend.engine = Engine(model, tokenizer, n_slots=n_slots or min(max_batch, 16), max_len=max_len,
-                                stop_token_ids=backend.stop_token_ids, decode=backend.decode,
-                                **engine_kw)
-        return backend
+        lp = _lmx_glue.make_logprobs_fn(model, pad_id=_pad_id(tokenizer))
+
+        def engine(backend: LocalBackend) -> Engine:
+            return Engine(model, tokenizer, n_slots=n_slots or min(max_batch, 16), max_len=max_len,
+                          stop_token_ids=backend.stop_token_ids, decode=backend.decode, **engine_kw)
+
+        return cls(tokenizer, None, lp, max_seq_len=max_len, model_name=model_name,
+                   max_batch=max_batch, engine=engine)
 
     @classmethod
     def load(cls, name: str, *, max_batch: int = 16, max_seq_len: int | None = None,
@@ -254,9 +258,6 @@ class LocalBackend:
                 out = self.logprobs_fn(chunk, [[len(p) - 1] for p in chunk])
                 rows += [np.asarray(r, np.float32)[0, ids] for r in out]
         return restricted_softmax(np.stack(rows))
-
-
-_Pending = object()  # from_lmx builds the engine once the backend's decode() exists
 
 
 def _pad_id(tokenizer: Any) -> int:
