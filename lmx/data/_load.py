@@ -45,14 +45,17 @@ def _file_list(data_files: Any) -> list[str]:
     return [str(f) for f in data_files]
 
 
-def _pinpoint(builder: str, files: list[str], split: str, err: Exception, **kw) -> Exception:
+def _pinpoint(builder: str, files: list[str], split: str, err: Exception, streaming: bool,
+              **kw) -> Exception:
     """A ValueError naming the first file that fails to load on its own (the ``datasets`` error
-    only names the file in a log line)."""
+    only names the file in a log line). For a stream only each file's first example is read."""
     ds = _datasets()
     cause = err.__cause__ or err
     for f in files:
         try:
-            ds.load_dataset(builder, data_files=f, split="train", **kw)
+            one = ds.load_dataset(builder, data_files=f, split="train", streaming=streaming, **kw)
+            if streaming:
+                next(iter(one.take(1)), None)
         except Exception as e:  # noqa: BLE001 - any reader failure is what we report
             c = e.__cause__ or e
             return ValueError(f"could not read {f!r} as {builder}: {type(c).__name__}: {c}")
@@ -109,12 +112,16 @@ def open_split(source: str | os.PathLike | None = None, *, split: str = "train",
             if builder is not None:
                 ds = ds_mod.load_dataset(builder, data_files=data_files, split=split,
                                          streaming=streaming, **kw)
+                if streaming and ds.features is None:
+                    # a stream reads lazily: read the first example now, so an unreadable first
+                    # file fails here, named, and not in the middle of training
+                    first_example(ds)
             else:
                 ds = ds_mod.load_dataset(str(source), name, split=split, streaming=streaming, **kw)
         except (ds_mod.exceptions.DatasetGenerationError, ValueError) as e:
-            if files is None or isinstance(e, FileNotFoundError):
+            if files is None:
                 raise
-            raise _pinpoint(builder, files, split, e, **kw) from e
+            raise _pinpoint(builder, files, split, e, streaming, **kw) from e
     return _for_process(ds, process_index, process_count)
 
 

@@ -61,6 +61,8 @@ def test_corrupt_files_are_named(tmp_path, cache):
     broken.write_text('{"text": "ok"}\n{"text": "cut off\n')
     with pytest.raises(ValueError, match="could not read '.*broken.jsonl' as json"):
         load_text_corpus(data_files=[str(good), str(broken)], cache_dir=cache)
+    with pytest.raises(ValueError, match="could not read '.*broken.jsonl' as json"):
+        load_text_corpus(data_files=[str(broken)], streaming=True)
     pq = tmp_path / "trunc.parquet"
     datasets.Dataset.from_dict({"text": ["a"] * 100}).to_parquet(str(pq))
     pq.write_bytes(pq.read_bytes()[:-40])
