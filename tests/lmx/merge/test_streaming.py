@@ -180,7 +180,8 @@ def test_zero_d_tensor_round_trips_and_stream_merges(tmp_path):
                    progress=False)
     np.testing.assert_allclose(S.load_safetensors(tmp_path / "ta")["logit_scale"], 4.5, rtol=1e-6)
     # and through the runner (safetensors output)
-    runner.run_merge({"base": str(tmp_path / "base.safetensors"), "models": [str(p) for p in paths],
+    runner.run_merge({"base": str(tmp_path / "base.safetensors"),
+                      "models": [str(p) for p in paths],
                       "method": {"name": "ties", "k": 0.5, "lam": 1.0},
                       "output": {"path": str(tmp_path / "run")}}, progress=False)
     assert S.load_safetensors(tmp_path / "run")["logit_scale"].shape == ()
