@@ -21,10 +21,13 @@ most likely ones; the sort runs only when some row asks for it (``lax.cond``).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmx.models import transformer as tr
 from lmx.models.transformer import Transformer
 
 #: number of alternatives :func:`token_logprobs` returns per row (OpenAI's top_logprobs maximum)
@@ -130,6 +133,47 @@ def prefill_slot(model: Transformer, cache_k, cache_v, tokens, length, slot, sam
     return (cache_k, cache_v, tok) + token_logprobs(logits, tok, want_lp)
 
 
+def _decode_layers(model: Transformer, tokens, positions, cache_k, cache_v, batch: int, span: int):
+    """One token per row through every layer, reading the cache in place.
+
+    The arithmetic of ``Transformer.decode_step`` (the new token attends to the masked cache plus
+    itself as one extra logit column), but each layer reads its ``[batch, span]`` block straight
+    out of the full ``[L, n_slots, S_max, ...]`` cache with one ``dynamic_slice``: slicing the
+    cache first (or scanning over it) copies whole cache rows every step, which measured 1.3-1.4x
+    slower for 16 of 32 slots on XLA:CPU. Returns (f32 logits [batch, V], new k, v [L, batch,
+    Hkv, hd]).
+    """
+    cfg = model.cfg
+    cdt = cfg.dtype_of_compute()
+    K, hd = cfg.n_kv_heads, cfg.hd
+    G, scale = cfg.n_heads // K, 1.0 / math.sqrt(hd)
+    x = model.embed_tokens(tokens[:, None], positions[:, None], cdt)
+    cos, sin = tr.rope_tables(positions[:, None], hd, cfg.rope_theta)
+    valid = jnp.arange(span, dtype=jnp.int32)[None] < positions[:, None]
+    z = jnp.zeros((), jnp.int32)
+
+    def layer(x, xs):
+        p, li = xs
+        ck = jax.lax.dynamic_slice(cache_k, (li, z, z, z, z), (1, batch, span, K, hd))[0].astype(cdt)
+        cv = jax.lax.dynamic_slice(cache_v, (li, z, z, z, z), (1, batch, span, K, hd))[0].astype(cdt)
+        h = tr._norm(cfg, x, p, "attn_norm")
+        q, k, v = tr._qkv(cfg, h, p, cos, sin)
+        qg = q.reshape(batch, K, G, hd)
+        s_cache = jnp.einsum("bkgd,bskd->bkgs", qg, ck, preferred_element_type=jnp.float32)
+        s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=jnp.float32)
+        s_cache = jnp.where(valid[:, None, None, :], s_cache * scale, tr._MASK_VALUE)
+        w = jax.nn.softmax(jnp.concatenate([s_cache, (s_self * scale)[..., None]], axis=-1), axis=-1)
+        o = jnp.einsum("bkgs,bskd->bkgd", w[..., :-1].astype(cdt), cv)
+        o = o + w[..., -1:].astype(cdt) * v[:, 0][:, :, None, :]
+        x = x + tr._attn_out(cfg, o.reshape(batch, 1, cfg.q_dim), p)
+        x = x + tr._mlp(cfg, tr._norm(cfg, x, p, "mlp_norm"), p)
+        return x, (k[:, 0], v[:, 0])
+
+    layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    x, (nk, nv) = jax.lax.scan(layer, x, (model.layer_params(cdt), layers))
+    return model.logits_from_hidden(model.final_hidden(x))[:, 0], nk, nv
+
+
 def decode_slots(model: Transformer, cache_k, cache_v, tokens, positions, sampling, want_lp, *,
                  batch: int, span: int):
     """Advance cache rows ``0 .. batch-1`` by one token each.
@@ -139,9 +183,7 @@ def decode_slots(model: Transformer, cache_k, cache_v, tokens, positions, sampli
     within the first ``span`` columns, and the new K/V go to column ``position``. Idle rows carry
     position 0 and write column 0 of their own free row. Returns like :func:`prefill_slot`.
     """
-    ck, cv = cache_k[:, :batch, :span], cache_v[:, :batch, :span]
-    valid = jnp.arange(span, dtype=jnp.int32)[None] < positions[:, None]
-    logits, nk, nv = model.decode_step(tokens, positions, ck, cv, valid)
+    logits, nk, nv = _decode_layers(model, tokens, positions, cache_k, cache_v, batch, span)
     rows = jnp.arange(batch, dtype=jnp.int32)
     cache_k = cache_k.at[:, rows, positions].set(nk.astype(cache_k.dtype))
     cache_v = cache_v.at[:, rows, positions].set(nv.astype(cache_v.dtype))
