@@ -67,7 +67,7 @@ ISOLATIONS = ("namespace", "guard")
 # (and workers) never share one and therefore never share an RLIMIT_NPROC count.
 _UID_LOW, _UID_HIGH = 1 << 24, 1 << 30
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
-_MIN_PROCESS_BYTES = 48 << 20  # an interpreter's own address space (RLIMIT_AS) needs about this
+_MIN_PROCESS_BYTES = 32 << 20  # a forked interpreter running small programs fits in this (AS)
 
 
 class SandboxError(RuntimeError):
@@ -493,6 +493,9 @@ class Sandbox:
         self.mechanism = self._describe_mechanism()
         err = self._probe(self.isolation)
         if err is not None:
+            if not err.startswith("sandbox error"):
+                raise SandboxError(f"a trivial probe sample did not pass in {self.isolation!r} "
+                                   f"isolation ({err}); are the limits too tight?")
             if self.isolation == "namespace":
                 raise SandboxError(
                     f"namespace isolation does not work here ({err}); it needs Linux and root or "
@@ -674,7 +677,7 @@ class Sandbox:
                     r = self._launch(Job("x = 1", ("assert x == 1",)), mode)
                     _PROBES[key] = None if r.passed else f"{r.status}: {r.error} {r.output_tail}"
                 except (OSError, SandboxError) as e:
-                    _PROBES[key] = repr(e)
+                    _PROBES[key] = f"sandbox error: {e!r}"
             return _PROBES[key]
 
     def run(self, job: Job) -> ExecResult:

@@ -658,6 +658,15 @@ def test_without_namespaces_the_error_names_the_opt_in(monkeypatch):
         Sandbox(timeout=1.0)
 
 
+def test_limits_too_tight_to_start_are_reported_as_such(monkeypatch):
+    monkeypatch.setattr(sandbox_mod, "_memory_cgroup", lambda: None)  # no cgroup: AS is split
+    with pytest.raises(ValueError, match="memory_bytes=.*processes=64"):
+        Sandbox(timeout=1.0, memory_bytes=256 << 20, processes=64)
+    with pytest.raises(SandboxError, match="probe sample did not pass"):
+        Sandbox(timeout=1.0, kill_grace=0.2, memory_bytes=1 << 30, processes=8,
+                open_files=4, python_guard=False)
+
+
 def test_allowed_socket_family_stays_inside():
     sb = _make("namespace", socket_families=(socket.AF_UNIX,))
     with sb:
