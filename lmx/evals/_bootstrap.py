@@ -15,8 +15,8 @@ Layers, in the order the supervisor and the program's process set them up:
    (``pivot_root`` into a tmpfs) holding only the interpreter, its shared libraries, the allowed
    import directories and four device nodes, all read-only, plus a private size-capped ``/tmp``
    (the working directory is ``/tmp/work``). No ``/proc``, no ``/var/tmp``, no host socket files,
-   a network stack with only a downed loopback. The program is PID 1 of its PID namespace: when it
-   ends the kernel kills everything it left behind.
+   a network stack with only a downed loopback. The program's driver is PID 1 of its PID
+   namespace: when it ends the kernel kills everything the candidate left behind.
 3. Both modes: rlimits (AS, CPU, NPROC, FSIZE, NOFILE, CORE), a fresh unprivileged uid when
    started as root, no-new-privs, a parent-death SIGKILL and a seccomp filter (classic BPF) that
    refuses every socket family but the allowed ones (none by default), ptrace, mount, keyctl,

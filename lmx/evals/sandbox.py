@@ -12,8 +12,8 @@ with the kernel instead. Per sample:
 * isolation ``"namespace"`` (the default; needs root or CAP_SYS_ADMIN): mount, network, PID, IPC
   and UTS namespaces; the program sees a fresh root holding only the interpreter, its shared
   libraries and the allowed import directories (read-only) plus a private size-capped ``/tmp``:
-  no host ``/proc``, ``/var/tmp``, socket files or home directories; it is PID 1 of its PID
-  namespace, so the kernel kills whatever it leaves behind;
+  no host ``/proc``, ``/var/tmp``, socket files or home directories; its driver is PID 1 of its
+  PID namespace, so the kernel kills whatever the candidate leaves behind;
 * isolation ``"guard"`` (explicit opt-in, weaker; for machines without namespaces): no fresh root;
   a child subreaper kills leftovers, and the driver's audit hook refuses writes outside the
   sample's directory, directory fds and ``/proc``;
