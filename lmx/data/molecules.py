@@ -44,8 +44,8 @@ def load_molecule_table(source: Any = None, *, split: str = "train", data_files:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
     ds = open_split(source, split=split, data_files=data_files, streaming=False, **kw)
-    check_schema(ds, [Column(smiles_column, "string")] + [Column(c, "number") for c in label_columns],
-                 "molecule")
+    schema = [Column(smiles_column, "string")] + [Column(c, "number") for c in label_columns]
+    check_schema(ds, schema, "molecule")
     smiles = list(ds[smiles_column])
     empty = next((i for i, s in enumerate(smiles) if s is None or not s.strip()), None)
     if empty is not None:

@@ -1,9 +1,10 @@
 """Preference pairs for reward models, in the two schemas the field uses.
 
 * **strings** (Anthropic HH-RLHF, Bai et al. 2022, arXiv:2204.05862): ``{chosen: string,
-  rejected: string}``, each a whole transcript ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The shared
-  prompt is the common prefix of the two, cut back to its last ``"\\n\\nAssistant:"`` (TRL's
-  ``extract_prompt`` does the same), so each side keeps its own full reply.
+  rejected: string}``, each a whole transcript ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``.
+  The shared prompt is the common prefix of the two, cut back to its last
+  ``"\\n\\nAssistant:"`` (TRL's ``extract_prompt`` does the same), so each side keeps its own
+  full reply.
 * **messages** (UltraFeedback-binarized, Tunstall et al. 2023, arXiv:2310.16944):
   ``{prompt: string, chosen: list of {role, content}, rejected: list of {role, content}}``, each
   list the whole conversation ending in the assistant's reply.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from lmx.data._load import Column, check_schema, first_example, open_split
+from lmx.data._load import Column, check_schema, first_example, is_stream, open_split
 from lmx.data.text import render_chat
 
 STRING_SCHEMA = [Column("chosen", "string"), Column("rejected", "string")]
@@ -150,7 +151,7 @@ def tokenize_pairs(ds, tokenizer: Any, *, use_chat_template: bool | None = None,
             out["prompt_len"].append(len(pc))
         return out
 
-    kw = {"desc": "tokenize pairs"} if not hasattr(ds, "n_shards") else {}
+    kw = {"desc": "tokenize pairs"} if not is_stream(ds) else {}
     # other columns (prompt, scores, ids) stay: margins and filters are built from them
     return ds.map(encode, batched=True, batch_size=batch_size, with_indices=True,
                   remove_columns=["chosen", "rejected"], **kw)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from lmx.data._load import Column, check_schema, open_split, pick_column
+from lmx.data._load import Column, check_schema, is_stream, open_split, pick_column
 
 TEXT_SCHEMAS = ("{text: string}", "{messages: list of {role: string, content: string}}")
 
@@ -104,7 +104,7 @@ def tokenize_corpus(ds, tokenizer: Any, *, column: str | None = None, eos_id: in
 
     names = list(ds.features) if ds.features is not None else None
     kw = {} if names is None else {"remove_columns": names}
-    if hasattr(ds, "n_shards"):  # IterableDataset: lazy, no cache, no workers
+    if is_stream(ds):  # IterableDataset: lazy, no cache, no workers
         if names is None:
             return ds.map(tok, batched=True, batch_size=batch_size).select_columns(["input_ids"])
         return ds.map(tok, batched=True, batch_size=batch_size, **kw)
@@ -145,7 +145,7 @@ def _id_chunks(ds, tokenizer: Any, *, column: str | None, eos_id: int | None, to
     lists). Streams: each batch tokenized in place (a lazy ``map`` would round-trip the ids
     through Arrow for nothing).
     """
-    if hasattr(ds, "n_shards") and not tokenized:
+    if is_stream(ds) and not tokenized:
         col = _text_column(ds, column)
         eos = _eos(tokenizer, eos_id)
         if col == "messages":
@@ -156,7 +156,7 @@ def _id_chunks(ds, tokenizer: Any, *, column: str | None, eos_id: int | None, to
         return
     tok = ds if tokenized else tokenize_corpus(ds, tokenizer, column=column, eos_id=eos_id,
                                                batch_size=map_batch_size, num_proc=num_proc)
-    if hasattr(tok, "n_shards"):
+    if is_stream(tok):
         for batch in tok.iter(batch_size=map_batch_size):
             yield np.fromiter((t for x in batch["input_ids"] for t in x), np.int32)
         return

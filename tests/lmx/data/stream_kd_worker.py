@@ -45,7 +45,8 @@ def main(extra_mb: float, headroom: int):
 
     tok = byte_chat_tokenizer()
     corpus_bytes = SHARDS * DOCS_PER_SHARD * DOC_CHARS
-    stream = datasets.IterableDataset.from_generator(docs, gen_kwargs={"shards": list(range(SHARDS))})
+    stream = datasets.IterableDataset.from_generator(
+        docs, gen_kwargs={"shards": list(range(SHARDS))})
     stream = load_text_corpus(stream)  # checked on its first example, nothing else is read
     teacher = Transformer(ModelConfig.tiny_llama(vocab_size=len(tok), d_model=32, n_layers=2,
                                                  n_heads=2, n_kv_heads=1, d_ff=64),

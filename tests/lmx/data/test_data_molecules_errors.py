@@ -110,5 +110,6 @@ def test_wrong_schema_fails_before_compute(tmp_path, cache):
         load_classification_pool(str(c), cache_dir=cache, label_names=["a", "b"])
     s = tmp_path / "mols.csv"
     s.write_text("smiles,y\nCCO,1\n")
-    with pytest.raises(ValueError, match="lacks column\\(s\\) \\['label'\\]; has \\['smiles', 'y'\\]"):
+    with pytest.raises(ValueError,
+                       match="lacks column\\(s\\) \\['label'\\]; has \\['smiles', 'y'\\]"):
         load_molecule_table(str(s), cache_dir=cache)
