@@ -253,8 +253,9 @@ def _fenced_blocks(text: str) -> list[tuple[str, str]]:
 def extract_code(text: str) -> str:
     """The first non-empty fenced code block (preferring python/py), else the whole text.
 
-    Chat models wrap programs in Markdown fences with prose around them; the OOP harness expects
-    a complete standalone program (the OOP harness of arXiv:2401.06628 runs the completion as the whole program). An unterminated fence runs to the end.
+    Chat models wrap programs in Markdown fences with prose around them; the OOP harness
+    (arXiv:2401.06628) runs the completion as the whole program. An unterminated fence runs to
+    the end.
 
     Raises:
       TypeError: ``text`` is not a str.

@@ -1,6 +1,7 @@
 """pass@k (Chen et al. 2021) and the OOP benchmark's pass@o (Wang et al. 2024, arXiv:2401.06628).
 
-pass@k: Chen et al. 2021, arXiv:2107.03374, Sec. 2.1, Eq. (1); pass@o: Wang et al. 2024, arXiv:2401.06628 (the metric the paper introduces).
+pass@k: Chen et al. 2021, arXiv:2107.03374, Sec. 2.1, Eq. (1); pass@o: Wang et al. 2024,
+arXiv:2401.06628 (the metric that paper introduces).
 
 Unbiased pass@k from n samples of which c are correct::
 

@@ -339,7 +339,8 @@ def _memory_cgroup() -> dict | None:
                         continue
                     if "memory" in delegated:
                         candidates.append({"kind": "v2", "parent": d})
-            elif fstype == "cgroup" and "memory" in opts.split(",") and "memory" in ctrls.split(","):
+            elif (fstype == "cgroup" and "memory" in opts.split(",")
+                  and "memory" in ctrls.split(",")):
                 rel = os.path.relpath(path, root)
                 here = point if rel.startswith("..") else os.path.normpath(os.path.join(point, rel))
                 candidates.append({"kind": "v1", "parent": here})

@@ -1,4 +1,4 @@
-"""Loaders for the OOP benchmark and HumanEval, and the completion sanitizer (arXiv:2401.06628 data)."""
+"""Loaders for the OOP benchmark (arXiv:2401.06628) and HumanEval, and the completion sanitizer."""
 import gzip
 import hashlib
 import json

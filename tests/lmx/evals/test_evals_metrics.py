@@ -1,4 +1,4 @@
-"""pass@k estimator and the OOP keyword matcher (arXiv:2107.03374 Eq. (1); arXiv:2401.06628 pass@o)."""
+"""pass@k estimator (arXiv:2107.03374, Eq. (1)) and the OOP keyword matcher (arXiv:2401.06628)."""
 import itertools
 import math
 from fractions import Fraction
