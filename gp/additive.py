@@ -3,7 +3,7 @@
 Model: ``y = sum_d f_d(x[:, d]) + eps``, ``f_d ~ GP(0, Matérn(q_d, ell_d, s2_d))``,
 ``eps ~ N(0, noise)``. The posterior means ``f_d = K_d alpha``, ``alpha = (sum_e K_e +
 noise I)^-1 y``, are the fixed point of block Gauss-Seidel (back-fitting, Hastie & Tibshirani;
-spec §7.4, [ZD24]):
+Zou & Ding, "Kernel Multigrid", arXiv:2403.13300):
 
     f_d <- S_d (y - sum_{e != d} f_e),   S_d = K_d (K_d + noise I)^-1,
 

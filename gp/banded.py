@@ -7,8 +7,8 @@ in the current column, so U gains ``kl`` extra super-diagonals) runs as one scan
 columns whose carry is the ``kl`` not-yet-pivoted rows aligned at the current column; the right
 hand side is eliminated in the same pass and a second (reverse) scan back-substitutes.
 Cost ``O(n kl (kl + ku))`` time, ``O(n (kl + ku))`` memory; reverse-mode autodiff goes through
-both scans (pivot choices are piecewise constant). Spec §4; the pivoting is required because
-the packet systems are not diagonally dominant (§8(5)).
+both scans (pivot choices are piecewise constant). The pivoting is required because the
+packet systems are not diagonally dominant.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Half-integer Matérn kernels, their Taylor data and their state-space form.
 
-Convention (spec ``kernel_packets.md`` §0): smoothness ``nu = q + 1/2``, rate
+Convention (as in Chen, Ding & Tuo, arXiv:2203.03116): smoothness ``nu = q + 1/2``, rate
 ``lam = sqrt(2q + 1) / lengthscale`` and
 
     K(r) = s2 * exp(-z) * P_q(z),   z = lam * |r|,

@@ -1,13 +1,14 @@
 """Kernel packets (KPs) for Matérn-(q+1/2) kernels: coefficients ``A``, values ``Phi``, queries.
 
-Chen, Ding & Tuo (JMLR 2022) and Ding, Tuo & Zou (2024); spec ``kernel_packets.md`` §1-§3, §5.
+Chen, Ding & Tuo, "Kernel Packet" (JMLR 23(127), 2022, arXiv:2203.03116) and Ding, Tuo & Zou,
+"Beyond State Space Representation: A General Theory for Kernel Packets" (arXiv:2402.04022).
 Column ``j`` of ``A`` holds the coefficients of packet ``phi_j(t) = sum_l A[l, j] K(t, x_l)`` over
 the window of ``w = 2q + 3`` consecutive inputs (fewer at the two boundaries); ``Phi = K A`` and
 ``phi_j`` vanishes outside its window. Compact storage per column ``j``: window start
 ``start[j]`` and ``coef[j, p] = A[start[j] + p, j]``, ``phi[j, p] = Phi[start[j] + p, j]``,
 ``p = 0..w-1`` (inactive boundary slots hold zeros). ``A`` has bandwidth ``q+1``, ``Phi`` ``q``.
 
-Stable construction (issue item 5, spec §8). The naive recipe solves the L/R conditions
+Stable construction. The naive recipe solves the L/R conditions
 ``sum_l a_l u_l^s exp(-/+u_l) = 0`` in window coordinates and sums ``a_l K(x_i - x_l)``; both
 steps cancel like ``(lam h)^-(2q+1)``. Here, for windows with half-width ``rho = lam W / 2 <=
 RHO_SERIES``:

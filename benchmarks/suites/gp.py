@@ -1,194 +1,177 @@
-"""Benchmark ``gp``: kernel-packet GP vs tinygp's quasisep solver vs dense Cholesky (CPU, float64).
+"""Benchmark ``gp``: the public API of :mod:`gp.api` vs tinygp's quasisep solver (CPU, float64).
+
+Only public functions are timed, called as a user calls them, on **unsorted** and **sorted**
+inputs (``x ~ U(0, n/10)``, ``ell = 1, s2 = 1, noise = 0.01``), with tinygp in the same rounds (:func:`benchmarks.common.
+timeit_interleaved`: one call of each contender per round, median after warm-up, compile
+excluded). tinygp's quasisep solver requires sorted inputs, so it always gets the sorted copy
+(in the ``unsorted`` rows the user of tinygp would have to sort first; that time is not
+charged to tinygp). All arrays are JAX arrays already on the device.
 
 Rows (``summary``):
-* ``task=lml`` / ``lml+grad``: log marginal likelihood (and ``jax.value_and_grad`` w.r.t.
-  ``(log ell, log s2, log noise)``) on sorted ``x ~ U(0, n/10)``, ``ell = 1, s2 = 1, noise =
-  0.01`` (spec §10 setup) for ``ours-kp`` (packets, forced), ``ours-ss`` (our Kalman filter,
-  also what ``method="auto"`` uses for the likelihood), ``tinygp`` (quasisep Matern32/52) and
-  ``dense`` (Cholesky, ``n <= dense_max``). ``rel_err`` compares each value with tinygp's.
-* ``task=predict-mean`` / ``predict-mean+var``: condition on ``n`` points and predict at ``m``
-  test points, timed end to end; ``predict-query`` times only our per-point query after
-  conditioning. ``ours-kp`` conditions with packets (mean) and, for variances, the RTS smoother
-  too (``ours-kp+ss``); ``ours-ss`` takes mean and variance from the smoother alone. tinygp's
-  mean uses ``condition(y, X_test).gp.loc`` (O(n + m)); its variance at
-  new points uses one augmented sorted GP with noise 1e12 at the test points (its direct
-  ``variance`` would build a dense n x m matrix).
-* ``task=co2``: hyperparameters learned with optax on statsmodels' CO2 series (de-trended),
-  held-out RMSE; plot ``gp_co2.png``. ``gp_scaling.png``: log-log time vs n with fitted slopes.
-
-Timings: :func:`benchmarks.common.timeit` (median after warm-up); compile time excluded.
+* ``task=lml``: ``api.log_marginal_likelihood(x, y, q, ell, s2, noise)`` called eagerly (its
+  host-side checks, the sortedness check and, for unsorted input, the sort included);
+  ``lml+grad``: ``jax.jit(jax.value_and_grad(loss))(p, x, y)`` with ``loss`` calling the public
+  log-likelihood on ``(log ell, log s2, log noise)`` (``x``, ``y`` traced: the in-program
+  sortedness check and ``lax.cond``). tinygp: ``jax.jit`` of ``GaussianProcess(...)
+  .log_probability(y)`` (and its ``value_and_grad``) with ``x``, ``y`` as arguments.
+  ``dense`` (``method="dense"``, ``n <= dense_max``) checks the value. ``ratio_vs_tinygp`` =
+  our time / tinygp's time in the same rounds; ``rel_err_vs_tinygp`` compares values.
+* ``task=predict-mean+var``: default end to end, ``api.predict(api.condition(x, y, ...), t,
+  return_var=True)`` at ``m`` test points; ``predict-query``: only ``api.predict`` on an existing
+  posterior. tinygp: mean and variance at new points from one augmented sorted GP with noise
+  1e12 at the test points (its direct ``variance`` would build a dense ``n x m`` matrix),
+  jitted, data as arguments.
+* ``task=co2``: hyperparameters learned with ``api.fit`` on statsmodels' CO2 series
+  (de-trended), held-out RMSE; plot ``gp_co2.png``. ``gp_scaling.png``: log-log time vs n.
 """
 from __future__ import annotations
 
+import logging
 import math
 import pathlib
 import time
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+ELL, S2, NOISE = 1.0, 1.0, 0.01
+TINYGP_JITTER = 1.4901161193847656e-08  # tinygp adds sqrt(eps) to the diagonal it conditions
+
 
 def _data(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    x = np.sort(rng.uniform(0.0, n / 10.0, n))
+    x = rng.uniform(0.0, n / 10.0, n)
     y = np.sin(x) + 0.3 * np.sin(0.31 * x) + 0.1 * rng.normal(size=n)
     return x, y
 
 
-def _lml_fns(q: int, x, y):
-    """Jitted ``p -> lml`` and ``p -> (lml, grad)`` for each method on sorted data."""
+def _tiny_kernel(q: int, ell, s2):
+    from tinygp.kernels import quasisep
+
+    import jax.numpy as jnp
+
+    k = {0: quasisep.Exp, 1: quasisep.Matern32, 2: quasisep.Matern52}[q]
+    return k(scale=ell, sigma=jnp.sqrt(s2))
+
+
+def _inputs(x, y, layout):
+    import jax.numpy as jnp
+
+    if layout == "sorted":
+        o = np.argsort(x)
+        x, y = x[o], y[o]
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _bench_lml(cfg, rows, timing, block):
     import jax
     import jax.numpy as jnp
     from tinygp import GaussianProcess
-    from tinygp.kernels import quasisep
-
-    from gp import api, dense
-
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
-
-    def ours(method):
-        def f(p):
-            e = jnp.exp(p)
-            return api._lml(xs, ys, q, e[0], e[1], e[2], None, method)
-        return f
-
-    tk = {1: quasisep.Matern32, 2: quasisep.Matern52}[q]
-
-    def tiny(p):
-        e = jnp.exp(p)
-        gp = GaussianProcess(tk(scale=e[0], sigma=jnp.sqrt(e[1])), xs, diag=e[2])
-        return gp.log_probability(ys)
-
-    def dense_f(p):
-        e = jnp.exp(p)
-        return dense.log_marginal_likelihood(xs, ys, q, e[0], e[1], e[2])
-
-    fns = {"ours-kp": ours("kp"), "ours-ss": ours("ss"), "tinygp": tiny, "dense": dense_f}
-    return {k: (jax.jit(f), jax.jit(jax.value_and_grad(f))) for k, f in fns.items()}
-
-
-def _bench_lml(cfg, rows, timeit, block):
-    import jax.numpy as jnp
-
-    p0 = jnp.log(jnp.array([1.0, 1.0, 0.01]))
-    curves = {}
-    for q in cfg["qs"]:
-        for n in cfg["ns"]:
-            x, y = _data(int(n))
-            fns = _lml_fns(q, x, y)
-            ref = None
-            for name, (f, vg) in fns.items():
-                if name == "dense" and n > cfg["dense_max"]:
-                    continue
-                if name == "ours-ss" and n > cfg.get("ss_max", math.inf):
-                    continue
-                reps = cfg["repeats"] if n < 3e5 else max(1, cfg["repeats"] // 2)
-                val = float(block(f(p0)))
-                if name == "tinygp":
-                    ref = val
-                t1 = timeit(lambda: block(f(p0)), repeats=reps, warmup=1)["median_s"]
-                t2 = timeit(lambda: block(vg(p0)), repeats=reps, warmup=1)["median_s"]
-                rows.append({"task": "lml", "q": q, "n": int(n), "method": name, "time_s": t1,
-                             "value": val})
-                rows.append({"task": "lml+grad", "q": q, "n": int(n), "method": name,
-                             "time_s": t2})
-                curves.setdefault((q, name, "lml"), []).append((n, t1))
-                curves.setdefault((q, name, "lml+grad"), []).append((n, t2))
-            for r in rows:
-                if r["task"] == "lml" and r["q"] == q and r["n"] == int(n) and ref is not None:
-                    r["rel_err_vs_tinygp"] = abs(r["value"] - ref) / abs(ref)
-    return curves
-
-
-def _bench_predict(cfg, rows, timeit, block):
-    import jax
-    import jax.numpy as jnp
-    from tinygp import GaussianProcess
-    from tinygp.kernels import quasisep
 
     from gp import api
 
-    q = 2
+    p0 = jnp.log(jnp.array([ELL, S2, NOISE]))
+    curves = {}
+    for q in cfg["qs"]:
+        def tiny(p, xs, ys, q=q):
+            e = jnp.exp(p)
+            return GaussianProcess(_tiny_kernel(q, e[0], e[1]), xs, diag=e[2]).log_probability(ys)
+
+        def ours(p, x, y, q=q):
+            e = jnp.exp(p)
+            return api.log_marginal_likelihood(x, y, q, e[0], e[1], e[2])
+
+        tiny_f, tiny_vg = jax.jit(tiny), jax.jit(jax.value_and_grad(tiny))
+        ours_vg = jax.jit(jax.value_and_grad(ours))
+        for n in cfg["ns"]:
+            n = int(n)
+            x, y = _data(n)
+            xs_s, ys_s = _inputs(x, y, "sorted")
+            reps = cfg["repeats"] if n < 3e5 else cfg.get("repeats_large", cfg["repeats"])
+            ref = float(tiny_f(p0, xs_s, ys_s))
+            for layout in cfg["layouts"]:
+                log.info("gp lml q=%d n=%d %s", q, n, layout)
+                xs, ys = _inputs(x, y, layout)
+                f = {"ours": lambda: block(api.log_marginal_likelihood(xs, ys, q, ELL, S2, NOISE)),
+                     "tinygp": lambda: block(tiny_f(p0, xs_s, ys_s))}
+                vg = {"ours": lambda: block(ours_vg(p0, xs, ys)),
+                      "tinygp": lambda: block(tiny_vg(p0, xs_s, ys_s))}
+                if n <= cfg["dense_max"]:
+                    f["dense"] = lambda: block(api.log_marginal_likelihood(
+                        xs, ys, q, ELL, S2, NOISE, method="dense"))
+                vals = {k: float(fn()) for k, fn in f.items()}
+                for task, fns in (("lml", f), ("lml+grad", vg)):
+                    t = timing(fns, repeats=reps, warmup=1)
+                    for name, r in t.items():
+                        row = {"task": task, "q": q, "n": n, "input": layout, "method": name,
+                               "time_s": r["median_s"],
+                               "ratio_vs_tinygp": r["median_s"] / t["tinygp"]["median_s"]}
+                        if task == "lml":
+                            row["rel_err_vs_tinygp"] = abs(vals[name] - ref) / abs(ref)
+                        rows.append(row)
+                        curves.setdefault((q, f"{name} ({layout})", task), []).append(
+                            (n, r["median_s"]))
+    return curves
+
+
+def _bench_predict(cfg, rows, timing, block):
+    import jax
+    import jax.numpy as jnp
+    from tinygp import GaussianProcess
+
+    from gp import api
+
     m = int(cfg["m_test"])
-    for n in cfg["predict_ns"]:
-        n = int(n)
-        x, y = _data(n, seed=1)
-        rng = np.random.default_rng(2)
-        t = np.sort(rng.uniform(0.0, n / 10.0, m))
-        xs, ys, ts = jnp.asarray(x), jnp.asarray(y), jnp.asarray(t)
-        ell, s2, noise = 1.0, 1.0, 0.01
+    for q in cfg.get("predict_qs", [2]):
+        for n in cfg["predict_ns"]:
+            n = int(n)
+            x, y = _data(n, seed=1)
+            t = jnp.asarray(np.sort(np.random.default_rng(2).uniform(0.0, n / 10.0, m)))
+            xs_s, ys_s = _inputs(x, y, "sorted")
+            # tinygp: one augmented sorted GP, test points with noise 1e12
+            xa_np = np.concatenate([np.asarray(xs_s), np.asarray(t)])
+            order = np.argsort(xa_np, kind="stable")
+            is_test = np.concatenate([np.zeros(n, bool), np.ones(m, bool)])[order]
+            xa = jnp.asarray(xa_np[order])
+            diag_a = jnp.asarray(np.where(is_test, 1e12, NOISE))
+            sel = jnp.asarray(np.nonzero(is_test)[0])
+            obs = jnp.asarray(np.nonzero(~is_test)[0])
+            kern = _tiny_kernel(q, ELL, S2)
 
-        @jax.jit
-        def ours_mean(ys):
-            post = api._condition_core(xs, ys, ell, s2, noise, None, q=q, method="kp",
-                                       with_variance=False, kp_possible=True)
-            return api._predict_core(post, ts, return_var=False, include_noise=False)
+            @jax.jit
+            def tiny_mv(ys, xa, diag_a):
+                ya = jnp.zeros(xa.shape[0]).at[obs].set(ys)
+                c = GaussianProcess(kern, xa, diag=diag_a).condition(ya).gp
+                return c.loc[sel], c.variance[sel] - TINYGP_JITTER
 
-        @jax.jit
-        def ours_mv(ys):
-            post = api._condition_core(xs, ys, ell, s2, noise, None, q=q, method="kp",
-                                       with_variance=True, kp_possible=True)
-            return api._predict_core(post, ts, return_var=True, include_noise=False)
+            m_t, v_t = tiny_mv(ys_s, xa, diag_a)
+            reps = cfg["repeats"] if n < 3e5 else cfg.get("repeats_large", cfg["repeats"])
+            for layout in cfg["layouts"]:
+                log.info("gp predict q=%d n=%d %s", q, n, layout)
+                xs, ys = _inputs(x, y, layout)
 
-        @jax.jit
-        def ss_mv(ys):
-            post = api._condition_core(xs, ys, ell, s2, noise, None, q=q, method="ss",
-                                       with_variance=True, kp_possible=False)
-            return api._predict_core(post, ts, return_var=True, include_noise=False)
+                def ours_mv():
+                    post = api.condition(xs, ys, q, ELL, S2, NOISE)
+                    return block(api.predict(post, t, return_var=True))
 
-        post = api._condition_jit(xs, ys, ell, s2, noise, None, q=q, method="kp",
-                                  with_variance=True, kp_possible=True)
-        query_mean = jax.jit(lambda p: api._predict_core(p, ts, return_var=False,
-                                                         include_noise=False))
-        query_mv = jax.jit(lambda p: api._predict_core(p, ts, return_var=True,
-                                                       include_noise=False))
-        kern = quasisep.Matern52(scale=ell, sigma=math.sqrt(s2))
-
-        @jax.jit
-        def tiny_mean(ys):
-            gp = GaussianProcess(kern, xs, diag=noise)
-            return gp.condition(ys, ts).gp.loc
-
-        order = np.argsort(np.concatenate([x, t]), kind="stable")
-        xa = jnp.asarray(np.concatenate([x, t])[order])
-        is_test = np.concatenate([np.zeros(n, bool), np.ones(m, bool)])[order]
-        diag_a = jnp.asarray(np.where(is_test, 1e12, noise))
-        sel = jnp.asarray(np.nonzero(is_test)[0])
-
-        @jax.jit
-        def tiny_mv(ys):
-            ya = jnp.zeros(n + m).at[jnp.asarray(np.nonzero(~is_test)[0])].set(ys)
-            gp = GaussianProcess(kern, xa, diag=diag_a)
-            c = gp.condition(ya).gp
-            return c.loc[sel], c.variance[sel]
-
-        m_ours = ours_mean(ys)
-        m_tiny = tiny_mean(ys)
-        _, v_ours = ours_mv(ys)
-        _, v_tiny = tiny_mv(ys)
-        m_ss, v_ss = ss_mv(ys)
-        # tinygp's conditioned variance includes its sqrt(eps) jitter on the test points
-        v_err = float(jnp.max(jnp.abs(v_ours - (v_tiny - 1.4901161193847656e-08))))
-        mean_err = float(jnp.max(jnp.abs(m_ours - m_tiny)) / jnp.max(jnp.abs(m_tiny)))
-        ss_mean_err = float(jnp.max(jnp.abs(m_ss - m_tiny)) / jnp.max(jnp.abs(m_tiny)))
-        ss_v_err = float(jnp.max(jnp.abs(v_ss - (v_tiny - 1.4901161193847656e-08))))
-        reps = cfg["repeats"] if n < 3e5 else max(1, cfg["repeats"] // 2)
-        for task, name, fn in (("predict-mean", "ours-kp", lambda: block(ours_mean(ys))),
-                               ("predict-mean", "tinygp", lambda: block(tiny_mean(ys))),
-                               ("predict-mean+var", "ours-kp+ss", lambda: block(ours_mv(ys))),
-                               ("predict-mean+var", "ours-ss", lambda: block(ss_mv(ys))),
-                               ("predict-mean+var", "tinygp", lambda: block(tiny_mv(ys))),
-                               ("predict-query", "ours-kp mean", lambda: block(query_mean(post))),
-                               ("predict-query", "ours mean+var", lambda: block(query_mv(post)))):
-            row = {"task": task, "q": q, "n": n, "m": m, "method": name,
-                   "time_s": timeit(fn, repeats=reps, warmup=1)["median_s"]}
-            if task == "predict-mean" and name == "ours-kp":
-                row["rel_err_vs_tinygp"] = mean_err
-            if task == "predict-mean+var" and name == "ours-kp+ss":
-                row["var_abs_err_vs_tinygp"] = v_err
-            if task == "predict-mean+var" and name == "ours-ss":
-                row["rel_err_vs_tinygp"] = ss_mean_err
-                row["var_abs_err_vs_tinygp"] = ss_v_err
-            rows.append(row)
+                post = api.condition(xs, ys, q, ELL, S2, NOISE)
+                m_o, v_o = ours_mv()
+                errs = {"rel_err_vs_tinygp": float(jnp.max(jnp.abs(m_o - m_t))
+                                                   / jnp.max(jnp.abs(m_t))),
+                        "var_abs_err_vs_tinygp": float(jnp.max(jnp.abs(v_o - v_t)))}
+                res = timing({"ours": ours_mv,
+                              "ours query": lambda: block(api.predict(post, t, return_var=True)),
+                              "tinygp": lambda: block(tiny_mv(ys_s, xa, diag_a))},
+                             repeats=reps, warmup=1)
+                tg = res["tinygp"]["median_s"]
+                for name, task in (("ours", "predict-mean+var"), ("ours query", "predict-query"),
+                                   ("tinygp", "predict-mean+var")):
+                    row = {"task": task, "q": q, "n": n, "m": m, "input": layout, "method": name,
+                           "time_s": res[name]["median_s"],
+                           "ratio_vs_tinygp": res[name]["median_s"] / tg}
+                    if name == "ours":
+                        row.update(errs)
+                    rows.append(row)
 
 
 def _bench_co2(cfg, rows, out_dir):
@@ -290,12 +273,12 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
 
 def _run(config: dict, out_dir: pathlib.Path) -> dict:
-    from benchmarks.common import block, timeit
+    from benchmarks.common import block, timeit_interleaved
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    curves = _bench_lml(config, rows, timeit, block)
-    _bench_predict(config, rows, timeit, block)
+    curves = _bench_lml(config, rows, timeit_interleaved, block)
+    _bench_predict(config, rows, timeit_interleaved, block)
     plots = []
     if config.get("co2_steps", 0) > 0:
         plots.append(_bench_co2(config, rows, out_dir))

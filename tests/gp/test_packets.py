@@ -1,4 +1,4 @@
-"""Packet construction: null vectors, compact support, band structure, queries (spec §9 T1-T3, T9)."""
+"""Packet construction: null vectors, compact support, band structure, queries."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +26,7 @@ def _dense(pk, n, q):
 @pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=lambda q: f"q{q}")
 def built(request):
     q, n = request.param, 30
-    x = _jittered(np.random.default_rng(q), n, 0.8)  # lam*h ~ 1: the benign design of spec §9
+    x = _jittered(np.random.default_rng(q), n, 0.8)  # lam*h ~ 1: a benign design
     # jitted: the eager build dispatches (and compiles) each small op separately
     build = jax.jit(packets.build, static_argnums=1)
     return q, n, x, build(jnp.asarray(x), q, 1.0, 0.8)
@@ -94,7 +94,7 @@ def test_packets_vanish_outside_windows(built):
 
 @pytest.mark.parametrize("q", [1, 2])
 def test_stable_construction_beats_naive_at_small_lam_h(q):
-    """At lam*h = 0.01 the naive float64 sum loses ~(lam h)^-(2q+1) digits (spec §8(2));
+    """At lam*h = 0.01 the naive float64 sum loses ~(lam h)^-(2q+1) digits;
     the one-sided series construction stays accurate (reference: 50-digit mpmath)."""
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.dps = 60
