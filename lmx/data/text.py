@@ -66,8 +66,21 @@ def render_chat(tokenizer: Any, messages: list, **template_kw) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **template_kw)
 
 
-def _encoder(tokenizer: Any, col: str, eos: int) -> Callable[[dict], dict]:
-    """``batch -> {"input_ids": ids + [eos] per document}`` (rendering chats first)."""
+def _encoder(ds, tokenizer: Any, column: str | None,
+             eos_id: int | None) -> Callable[[dict], dict]:
+    """Check ``ds`` and the tokenizer, then ``batch -> {"input_ids": ids + [eos] per document}``
+    (chats rendered first). Nothing is tokenized here.
+
+    Raises:
+      ValueError: no EOS id (tokenizer without ``eos_token_id`` and none given), a ``messages``
+        column with a tokenizer lacking a chat template; see :func:`load_text_corpus`.
+    """
+    col = _text_column(ds, column)
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; pass eos_id to separate documents")
+    if col == "messages":
+        render_chat(tokenizer, [{"role": "user", "content": ""}])  # fails early without a template
 
     def tok(batch):
         texts = batch[col] if col != "messages" else [render_chat(tokenizer, m) for m in batch[col]]
@@ -75,13 +88,6 @@ def _encoder(tokenizer: Any, col: str, eos: int) -> Callable[[dict], dict]:
         return {"input_ids": [list(x) + [eos] for x in ids]}
 
     return tok
-
-
-def _eos(tokenizer: Any, eos_id: int | None) -> int:
-    eos = tokenizer.eos_token_id if eos_id is None else eos_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; pass eos_id to separate documents")
-    return eos
 
 
 def tokenize_corpus(ds, tokenizer: Any, *, column: str | None = None, eos_id: int | None = None,
@@ -95,13 +101,7 @@ def tokenize_corpus(ds, tokenizer: Any, *, column: str | None = None, eos_id: in
       ValueError: no EOS id (tokenizer without ``eos_token_id`` and none given), a ``messages``
         column with a tokenizer lacking a chat template; see :func:`load_text_corpus`.
     """
-    col = _text_column(ds, column)
-    eos = _eos(tokenizer, eos_id)
-    if col == "messages":
-        render_chat(tokenizer, [{"role": "user", "content": ""}])  # fails early without a template
-
-    tok = _encoder(tokenizer, col, eos)
-
+    tok = _encoder(ds, tokenizer, column, eos_id)
     names = list(ds.features) if ds.features is not None else None
     kw = {} if names is None else {"remove_columns": names}
     if is_stream(ds):  # IterableDataset: lazy, no cache, no workers
@@ -146,11 +146,7 @@ def _id_chunks(ds, tokenizer: Any, *, column: str | None, eos_id: int | None, to
     through Arrow for nothing).
     """
     if is_stream(ds) and not tokenized:
-        col = _text_column(ds, column)
-        eos = _eos(tokenizer, eos_id)
-        if col == "messages":
-            render_chat(tokenizer, [{"role": "user", "content": ""}])
-        enc = _encoder(tokenizer, col, eos)
+        enc = _encoder(ds, tokenizer, column, eos_id)
         for batch in ds.iter(batch_size=map_batch_size):
             yield np.fromiter((t for x in enc(batch)["input_ids"] for t in x), np.int32)
         return
