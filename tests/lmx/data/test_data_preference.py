@@ -45,6 +45,10 @@ def test_hh_strings_rendered_with_chat_template(tmp_path, tok, cache):
     # without the template the strings are tokenized as they are
     raw = tokenize_pairs(ds, tok, use_chat_template=False)[0]
     assert tok.decode(raw["chosen_ids"]) == HH[0]["chosen"]
+    # streamed: the same ids, lazily
+    streamed = list(tokenize_pairs(load_preference_pairs(data_files=str(f), streaming=True), tok))
+    assert [r["chosen_ids"] for r in streamed] == list(pairs["chosen_ids"])
+    assert [r["prompt_len"] for r in streamed] == list(pairs["prompt_len"])
 
 
 def test_ultrafeedback_messages_train_one_reward_step(tmp_path, tok, cache):

@@ -52,6 +52,12 @@ def test_messages_parquet_rendered_with_chat_template(tmp_path, tok, cache):
     np.testing.assert_array_equal(rows["tokens"], pack_texts(tok, rendered, 24,
                                                              rows["tokens"].shape[0]))
     assert tok.decode(rows["tokens"][0]).startswith("<|im_start|>user\nq0<|im_end|>")
+    # the same file streamed packs to the same rows, batch by batch
+    stream = load_text_corpus(str(f), streaming=True)
+    got = np.concatenate([b["tokens"] for b in packed_batches(stream, tok, 24, 2,
+                                                              map_batch_size=4)])
+    np.testing.assert_array_equal(got, rows["tokens"][:len(got)])
+    assert len(got) >= rows["tokens"].shape[0] - 1
 
 
 def test_each_process_reads_its_own_part(tmp_path, cache):
