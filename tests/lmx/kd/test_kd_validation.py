@@ -88,7 +88,7 @@ def test_fused_bad_inputs():
         fused_linear_kd_loss(h, w, h, w, Y, student_bias=jnp.zeros(5))
 
 
-def _labels_with(value, pos=(1, 2), V=4):
+def _labels_with(value, pos=(1, 2)):
     y = jnp.asarray([[0, 1, 2, 3], [3, 2, 1, 0]], jnp.int32)
     return y.at[pos].set(value)
 
@@ -101,23 +101,33 @@ _LOSSES = {
     "fused_atkd": lambda zs, zt, y, **kw: fused_linear_kd_loss(
         zs, jnp.eye(4), zt, jnp.eye(4), y, loss=ATKDConfig(**kw)),
 }
+# one jitted function per loss: bad and good labels share the compile (the ids are traced)
+_JITTED = {name: jax.jit(fn) for name, fn in _LOSSES.items()}
+
+
+def _logits():
+    zs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4)), jnp.float32)
+    return zs, zs[:, ::-1]
 
 
 @pytest.mark.parametrize("name", list(_LOSSES))
 @pytest.mark.parametrize("bad", [4, -1, 1000])
 def test_out_of_range_label_ids_raise_naming_value_and_position(name, bad):
     # V = 4: id 4 used to give a finite atkd_loss and a NaN hard CE; -1 was read as a real id.
-    zs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4)), jnp.float32)
-    zt = zs[:, ::-1]
-    fn = _LOSSES[name]
+    zs, zt = _logits()
     with pytest.raises(ValueError, match=rf"labels: id {bad} at position \(1, 2\).*\[0, 4\)"):
-        fn(zs, zt, _labels_with(bad))
-    # ignore_index is exempt, whatever its value; a legal id passes
-    assert np.isfinite(float(fn(zs, zt, _labels_with(-100))))
-    assert np.isfinite(float(fn(zs, zt, _labels_with(7), ignore_index=7)))
+        _LOSSES[name](zs, zt, _labels_with(bad))
     # under jit the ids cannot be inspected: the loss is NaN, never a finite wrong value
-    assert np.isnan(float(jax.jit(fn)(zs, zt, _labels_with(bad))))
-    assert np.isfinite(float(jax.jit(fn)(zs, zt, _labels_with(1))))
+    assert np.isnan(float(_JITTED[name](zs, zt, _labels_with(bad))))
+
+
+@pytest.mark.parametrize("name", list(_LOSSES))
+def test_ignore_index_and_legal_ids_pass_the_label_check(name):
+    zs, zt = _logits()
+    assert np.isfinite(float(_JITTED[name](zs, zt, _labels_with(1))))
+    assert np.isfinite(float(_JITTED[name](zs, zt, _labels_with(-100))))
+    # ignore_index is exempt whatever its value (checked outside jit)
+    assert np.isfinite(float(_LOSSES[name](zs, zt, _labels_with(7), ignore_index=7)))
 
 
 def test_valid_vocab_size_bounds_the_ids_and_targets_are_checked():
