@@ -444,14 +444,13 @@ def _supervise(spec, t0, cg):
         flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
         _check(_libc.unshare(flags), "unshare")
         work = _setup_root(spec)
-        if not spec["fork_driver"]:
-            _write_files(work, spec)
     else:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         work = spec["workdir"]
-        _write_files(work, spec)
         if spec["uid"] is not None:
             os.chown(work, spec["uid"], spec["uid"])
+    if not spec["fork_driver"]:  # an exec'd interpreter reads the driver and the job from files
+        _write_files(work, spec)
     spec["launcher_pid"] = os.getpid()
     out_r, out_w = os.pipe()
     res_r, res_w = os.pipe()
