@@ -59,7 +59,7 @@ def _one_request(base_url: str, model: str, prompt: str, max_tokens: int, client
 
 
 def run_level(base_url: str, model: str, clients: int, rounds: int, max_tokens: int) -> dict:
-    """``clients`` threads x ``rounds`` sequential streaming requests -> latency/throughput stats."""
+    """``clients`` threads x ``rounds`` sequential streaming requests -> latency, throughput."""
     import httpx
 
     results: list[dict] = []
@@ -93,8 +93,10 @@ def run_level(base_url: str, model: str, clients: int, rounds: int, max_tokens: 
     tokens = int(sum(r["tokens"] for r in results))
     return {"clients": clients, "requests": len(results), "completion_tokens": tokens,
             "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p95_s": float(np.percentile(ttft, 95)),
-            "itl_p50_s": float(np.percentile(gaps, 50)), "itl_p95_s": float(np.percentile(gaps, 95)),
+            "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p95_s": float(np.percentile(ttft, 95)),
+            "itl_p50_s": float(np.percentile(gaps, 50)),
+            "itl_p95_s": float(np.percentile(gaps, 95)),
             "itl_mean_per_request_s": float(np.mean([r["itl_s"] for r in results]))}
 
 

@@ -142,7 +142,7 @@ class LocalBackend:
     @classmethod
     def load(cls, name: str, *, max_batch: int = 16, max_seq_len: int | None = None,
              **engine_kw: Any) -> LocalBackend:
-        """``lmx.models.load(name)`` (offline assets, e.g. ``"smollm2-135m-instruct"``) as a backend."""
+        """``lmx.models.load(name)`` (offline assets, e.g. ``"smollm2-135m-instruct"``), served."""
         from lmx.models import load
 
         model, tokenizer = load(name)
@@ -154,7 +154,8 @@ class LocalBackend:
         """Token ids of the chat-template rendering with an open assistant turn."""
         msgs = [{"role": m["role"], "content": text_of(m["content"])} for m in conversation]
         with self._tok_lock:
-            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                      tokenize=False)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -242,7 +243,7 @@ class LocalBackend:
         return ids
 
     def label_probs(self, conversations: list[list[dict]], labels: Sequence[str]) -> np.ndarray:
-        """float32 [B, C]: softmax of the next-token log-probs restricted to the labels' first tokens.
+        """float32 [B, C]: softmax of the next-token log-probs over the labels' first tokens.
 
         This is WisdoM's MMICL ``first_token`` scoring (Wang et al. 2024, arXiv:2401.06659): one
         forward pass per prompt.

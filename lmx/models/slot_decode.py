@@ -154,15 +154,17 @@ def _decode_layers(model: Transformer, tokens, positions, cache_k, cache_v, batc
 
     def layer(x, xs):
         p, li = xs
-        ck = jax.lax.dynamic_slice(cache_k, (li, z, z, z, z), (1, batch, span, K, hd))[0].astype(cdt)
-        cv = jax.lax.dynamic_slice(cache_v, (li, z, z, z, z), (1, batch, span, K, hd))[0].astype(cdt)
+        block = (1, batch, span, K, hd)
+        ck = jax.lax.dynamic_slice(cache_k, (li, z, z, z, z), block)[0].astype(cdt)
+        cv = jax.lax.dynamic_slice(cache_v, (li, z, z, z, z), block)[0].astype(cdt)
         h = tr._norm(cfg, x, p, "attn_norm")
         q, k, v = tr._qkv(cfg, h, p, cos, sin)
         qg = q.reshape(batch, K, G, hd)
         s_cache = jnp.einsum("bkgd,bskd->bkgs", qg, ck, preferred_element_type=jnp.float32)
         s_self = jnp.einsum("bkgd,bkd->bkg", qg, k[:, 0], preferred_element_type=jnp.float32)
         s_cache = jnp.where(valid[:, None, None, :], s_cache * scale, tr._MASK_VALUE)
-        w = jax.nn.softmax(jnp.concatenate([s_cache, (s_self * scale)[..., None]], axis=-1), axis=-1)
+        s = jnp.concatenate([s_cache, (s_self * scale)[..., None]], axis=-1)
+        w = jax.nn.softmax(s, axis=-1)
         o = jnp.einsum("bkgs,bskd->bkgd", w[..., :-1].astype(cdt), cv)
         o = o + w[..., -1:].astype(cdt) * v[:, 0][:, :, None, :]
         x = x + tr._attn_out(cfg, o.reshape(batch, 1, cfg.q_dim), p)

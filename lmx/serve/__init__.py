@@ -6,5 +6,6 @@ warm-up, per-request PRNG streams, cancellation); :mod:`lmx.serve.app` the FastA
 from lmx.serve.app import ChatServer, RequestError, create_app, normalize_messages
 from lmx.serve.engine import Engine, Event, FunctionEngine, GenRequest, Stream, backend_compiles
 
-__all__ = ["ChatServer", "Engine", "Event", "FunctionEngine", "GenRequest", "RequestError", "Stream",
+__all__ = ["ChatServer", "Engine", "Event", "FunctionEngine", "GenRequest", "RequestError",
+           "Stream",
            "backend_compiles", "create_app", "normalize_messages"]

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--max-batch", type=int, default=16, help="KV-cache slots (concurrent requests)")
+    ap.add_argument("--max-batch", type=int, default=16,
+                    help="KV-cache slots (concurrent requests)")
     ap.add_argument("--max-seq-len", type=int, default=None)
     ap.add_argument("--default-max-tokens", type=int, default=256)
     ap.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead")

@@ -36,7 +36,8 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.status, self.message, self.param = status, message, param
+        self.code, self.kind = code, kind
 
     def payload(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -118,7 +119,8 @@ def normalize_messages(msgs: Any) -> list[dict]:
             raise _bad(f"{where} must be an object with 'role' and 'content'", "messages")
         for k in m:
             if k not in _MESSAGE_FIELDS:
-                raise _bad(f"unsupported field {k!r} in {where}", "messages", "unsupported_parameter")
+                raise _bad(f"unsupported field {k!r} in {where}", "messages",
+                           "unsupported_parameter")
         role = m.get("role")
         if role not in ("system", "developer", "user", "assistant", "tool"):
             raise _bad(f"{where}['role'] must be one of system, developer, user, assistant, tool; "
@@ -247,11 +249,13 @@ class ServeApp:
             if not logprobs:
                 raise _bad("top_logprobs requires logprobs=true", "top_logprobs")
             if not _is_int(top) or not 0 <= top <= 20:
-                raise _bad(f"top_logprobs must be an integer in [0, 20], got {top!r}", "top_logprobs")
+                raise _bad(f"top_logprobs must be an integer in [0, 20], got {top!r}",
+                           "top_logprobs")
         try:
             prompt = self.backend.render(msgs)
         except Exception as e:  # noqa: BLE001 - a template error is the client's message list
-            raise _bad(f"messages could not be rendered by the chat template: {e}", "messages") from None
+            raise _bad(f"messages could not be rendered by the chat template: {e}",
+                       "messages") from None
         max_tokens = self._max_tokens(body, ("max_completion_tokens", "max_tokens"), len(prompt),
                                       self.default_max_tokens)
         opts["logprobs"] = bool(logprobs)
@@ -472,7 +476,8 @@ def create_app(backend: Any, *, model_name: str, default_max_tokens: int = 256,
             c = {"index": i, "finish_reason": finish}
             if chat:
                 c["delta"] = delta
-                c["logprobs"] = sv.chat_logprobs(lp) if (opts["logprobs"] and lp is not None) else None
+                want = opts["logprobs"] and lp is not None
+                c["logprobs"] = sv.chat_logprobs(lp) if want else None
             else:
                 c["text"] = text
                 c["logprobs"] = (sv.completion_logprobs(lp, lp_offset)

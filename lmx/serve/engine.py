@@ -275,7 +275,7 @@ class _Detok:
 # ----------------------------------------------------------------------------- metrics
 
 class Metrics:
-    """Counters the server exports in Prometheus text format (thread-safe enough: GIL + one writer)."""
+    """Counters the server exports as Prometheus text (one writer thread; readers see ints)."""
 
     TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -307,7 +307,8 @@ class Metrics:
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft_sum += seconds
-        i = next((i for i, b in enumerate(self.TTFT_BUCKETS) if seconds <= b), len(self.TTFT_BUCKETS))
+        n = len(self.TTFT_BUCKETS)
+        i = next((i for i, b in enumerate(self.TTFT_BUCKETS) if seconds <= b), n)
         self.ttft_counts[i] += 1
 
 
@@ -383,7 +384,8 @@ class Engine:
 
         # the caches are donated: XLA updates them in place instead of copying S_max columns
         self._prefill = jax.jit(prefill, donate_argnums=(1, 2))
-        self._decode_step = jax.jit(decode, donate_argnums=(1, 2), static_argnames=("batch", "span"))
+        self._decode_step = jax.jit(decode, donate_argnums=(1, 2),
+                                    static_argnames=("batch", "span"))
         self._new_cache = lambda: slot_decode.init_slot_cache(model, n_slots, max_len)
         self._ck, self._cv = self._new_cache()
         self._model_lock = threading.Lock()  # the loop's steps vs. warmup() from another thread
@@ -517,7 +519,8 @@ class Engine:
             return None
         k = req.top_logprobs
         return TokenLogprob(self._token_text(tok), float(lp),
-                            [(self._token_text(int(i)), float(v)) for i, v in zip(ids[:k], lps[:k])])
+                            [(self._token_text(int(i)), float(v))
+                             for i, v in zip(ids[:k], lps[:k])])
 
     # ------------------------------------------------------------------ scheduling loop
     def _loop(self) -> None:
@@ -595,7 +598,8 @@ class Engine:
         tokens = np.zeros(T, np.int32)
         tokens[:n] = req.prompt
         want = req.top_logprobs is not None
-        tok, lp, ids, lps = self._run_prefill(tokens, n, slot, self._sampling_rows([(req, 0)]), want)
+        tok, lp, ids, lps = self._run_prefill(tokens, n, slot, self._sampling_rows([(req, 0)]),
+                                              want)
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += n
         self.metrics.running += 1
@@ -671,7 +675,8 @@ class FunctionEngine:
     def start(self) -> FunctionEngine:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="lmx-fn-engine", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="lmx-fn-engine",
+                                                daemon=True)
                 self._thread.start()
         return self
 
@@ -707,7 +712,8 @@ class FunctionEngine:
                 return
             group = [first]
             for other in list(held):
-                if len(group) < self.max_batch and self._key(other.request) == self._key(first.request):
+                same = self._key(other.request) == self._key(first.request)
+                if len(group) < self.max_batch and same:
                     group.append(other)
                     held.remove(other)
             while len(group) < self.max_batch:
@@ -760,7 +766,8 @@ class FunctionEngine:
         if req.top_logprobs is None or not toks or self.logprobs_fn is None:
             return None
         n = len(req.prompt)
-        rows = self.logprobs_fn([list(req.prompt) + toks], [list(range(n - 1, n - 1 + len(toks)))])[0]
+        positions = [list(range(n - 1, n - 1 + len(toks)))]
+        rows = self.logprobs_fn([list(req.prompt) + toks], positions)[0]
         out = []
         for row, t in zip(np.asarray(rows, np.float32), toks):
             alts = np.argsort(-row)[:req.top_logprobs]
