@@ -122,7 +122,8 @@ def backfit(x, y, qs: Sequence[int], lengthscales, variances, noise, *, sweeps: 
 
 def predict(fit: AdditiveFit, t, qs: Sequence[int], lengthscales, variances, noise,
             *, components: bool = False):
-    """Posterior mean of ``f = sum_d f_d`` at ``t`` (``[m, D]``); per-component ``[m, D]`` if asked."""
+    """Posterior mean of ``f = sum_d f_d`` at ``t`` (``[m, D]``); per-component ``[m, D]`` if
+    asked."""
     t = validate.as_f64("t", t)
     n, D = fit.x.shape
     if t.ndim != 2 or t.shape[1] != D:

@@ -28,8 +28,8 @@ pass, ``O(log n + q^3)`` per test point and no ``n x m`` matrix. (The packet var
 ``s2 - phi(t)^T M^-1 phi(t)`` cancels catastrophically for ``q >= 1`` and is not offered.)
 
 Sorting: inputs may come in any order. Concrete inputs are checked on the host (``O(n)``) and
-sorted there only when needed (``numpy.argsort``); traced inputs (inside ``jit``) are sorted
-by ``jnp.argsort`` in the traced program.
+sorted there only when needed (``numpy.argsort``); inside ``jit`` the check is traced and a
+``lax.cond`` sorts only unsorted input (``numpy.argsort`` through ``jax.pure_callback``).
 
 Invalid values: concrete calls raise ``ValueError`` (:mod:`gp.validate`). Traced values cannot
 be inspected, so inside ``jit``/``vmap``/``grad`` every entry point returns NaN (value and
@@ -103,11 +103,20 @@ def _poison(x, y, ell, s2, noise):
     return jnp.where(bad, jnp.nan, 1.0)
 
 
+def _host_argsort(x):
+    """``argsort(x)`` of a traced ``x`` by ``numpy.argsort`` through ``jax.pure_callback`` (the
+    permutation carries no derivative, so ``x`` enters through ``stop_gradient``). Measured at
+    n = 1e6 on the 2-core CPU: numpy 0.15 s vs ``jnp.argsort`` 0.63 s."""
+    out = jax.ShapeDtypeStruct(x.shape, jnp.int64)
+    return jax.pure_callback(lambda v: np.argsort(np.asarray(v), axis=-1).astype(np.int64), out,
+                             jax.lax.stop_gradient(x), vmap_method="expand_dims")
+
+
 def _sort_inputs(x, y, noise, order):
     """Sort by ``x``, skipping the sort when ``x`` is already non-decreasing (an ``O(n)``
     check): on the host for concrete ``x`` (``numpy.argsort``, measured 4x faster than XLA's
     sort on CPU at n = 1e6), else in the traced program (a ``lax.cond`` on the check, so a
-    sorted input never pays for ``jnp.argsort``; under ``vmap`` both branches run)."""
+    sorted input never pays for the sort; under ``vmap`` both branches run)."""
     per_point = jnp.ndim(noise) == 1
     if _concrete(x):
         xn = np.asarray(x)
@@ -118,8 +127,9 @@ def _sort_inputs(x, y, noise, order):
         return (take(x), take(y), take(noise) if per_point else noise,
                 None if order is None else take(order))
     arrays = (x, y) + ((noise,) if per_point else ()) + (() if order is None else (order,))
+
     def sort(a):
-        idx = jnp.argsort(a[0])
+        idx = _host_argsort(a[0])
         return tuple(v[idx] for v in a)
 
     out = jax.lax.cond(jnp.all(x[1:] >= x[:-1]), lambda a: a, sort, arrays)
@@ -166,8 +176,9 @@ def _warn_kp(resid) -> None:
         warnings.warn(
             f"method='kp': the packet solve's measured relative residual "
             f"||y - (K + noise I) A beta|| / ||y|| = {r:.2e} exceeds {KP_RESIDUAL_TOL:.0e} (nan: "
-            "the packet construction produced non-finite values), so the posterior mean and log-likelihood may be inaccurate (the packets lose digits "
-            "when inputs nearly coincide or cluster); method='auto' (state space) is exact here",
+            "the packet construction produced non-finite values), so the posterior mean and "
+            "log-likelihood may be inaccurate (the packets lose digits when inputs nearly "
+            "coincide or cluster); method='auto' (state space) is exact here",
             RuntimeWarning, stacklevel=3)
 
 

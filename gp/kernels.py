@@ -155,7 +155,8 @@ def ss_stationary_cov(q: int, variance):
 
 
 def ss_transition(q: int, z):
-    """Transition ``T(z) = exp(-z) sum_{k<=q} (N z)^k / k!`` for scaled lags ``z`` (shape ``z.shape + (m, m)``)."""
+    """Transition ``T(z) = exp(-z) sum_{k<=q} (N z)^k / k!`` for scaled lags ``z`` (shape
+    ``z.shape + (m, m)``)."""
     N, _ = _ss_constants(check_q(q))
     m = q + 1
     z = jnp.asarray(z)

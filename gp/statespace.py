@@ -296,7 +296,8 @@ def filter_smoother(x, y, q: int, lengthscale, variance, noise, order=None, *, s
 
 
 def query(state: SmootherState, t):
-    """Posterior mean ``[k, m]`` and covariance ``[k, m, m]`` of the scaled state at ``t`` (``[k]``).
+    """Posterior mean ``[k, m]`` and covariance ``[k, m, m]`` of the scaled state at ``t``
+    (``[k]``).
 
     For ``x_i <= t < x_{i+1}``: predict the filtered state at ``x_i`` to ``t`` (no observation),
     then one RTS step from the smoothed state at ``x_{i+1}``. Left of ``x_0`` the "filtered" state

@@ -1,11 +1,11 @@
 """Benchmark ``gp``: the public API of :mod:`gp.api` vs tinygp's quasisep solver (CPU, float64).
 
 Only public functions are timed, called as a user calls them, on **unsorted** and **sorted**
-inputs (``x ~ U(0, n/10)``, ``ell = 1, s2 = 1, noise = 0.01``), with tinygp in the same rounds (:func:`benchmarks.common.
-timeit_interleaved`: one call of each contender per round, median after warm-up, compile
-excluded). tinygp's quasisep solver requires sorted inputs, so it always gets the sorted copy
-(in the ``unsorted`` rows the user of tinygp would have to sort first; that time is not
-charged to tinygp). All arrays are JAX arrays already on the device.
+inputs (``x ~ U(0, n/10)``, ``ell = 1, s2 = 1, noise = 0.01``), with tinygp in the same
+rounds (:func:`benchmarks.common.timeit_interleaved`: one call of each contender per round,
+median after warm-up, compile excluded). tinygp's quasisep solver requires sorted inputs, so
+it always gets the sorted copy (in the ``unsorted`` rows the user of tinygp would have to sort
+first; that time is not charged to tinygp). All arrays are JAX arrays already on the device.
 
 Rows (``summary``):
 * ``task=lml``: ``api.log_marginal_likelihood(x, y, q, ell, s2, noise)`` called eagerly (its
@@ -27,7 +27,6 @@ Rows (``summary``):
 from __future__ import annotations
 
 import logging
-import math
 import pathlib
 import time
 
@@ -248,7 +247,8 @@ def _plot_scaling(curves, out_dir: pathlib.Path):
                 if qq != q or tk != task:
                     continue
                 n, tm = np.array(pts, float).T
-                slope = float(np.polyfit(np.log(n), np.log(tm), 1)[0]) if len(n) > 1 else float("nan")
+                slope = (float(np.polyfit(np.log(n), np.log(tm), 1)[0]) if len(n) > 1
+                         else float("nan"))
                 slopes[f"q{q}/{task}/{name}"] = slope
                 ax.loglog(n, tm, "o-", label=f"{name} (slope {slope:.2f})")
             ax.set_title(f"nu={q}+1/2, {task}")

@@ -13,7 +13,8 @@ from gp import kernels
 def test_state_space_reproduces_kernel(q):
     N, P = kernels._ss_constants(q)
     F = N - np.eye(q + 1)
-    # stationary covariance solves the Lyapunov equation up to the white-noise input on the last state
+    # stationary covariance solves the Lyapunov equation up to the white-noise input on the last
+    # state
     R = F @ P + P @ F.T
     R[-1, -1] = 0.0
     np.testing.assert_allclose(R, 0.0, atol=1e-12)
