@@ -180,6 +180,11 @@ def test_no_compile_after_warmup_across_50_mixed_requests(server, client):
     assert len(outs) == 50 and all(isinstance(o, str) for o in outs)
     assert engine.compile_count() == compiled  # no new kernel variant
     assert backend_compiles() == xla  # and no XLA compile at all in the process
+    # the counter is live: a program never seen before is counted
+    import jax
+
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))
+    assert backend_compiles() > xla
 
 
 def test_logprobs_stop_strings_roles(client, tiny):
