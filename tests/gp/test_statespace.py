@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gp import dense, statespace
+from gp import dense, kernels, statespace
 
 N = 60
 
@@ -114,3 +114,13 @@ def test_spd_solve_matches_numpy_unbatched_and_batch_last(rng):
         got = statespace._spd_solve(jnp.moveaxis(jnp.asarray(A), 0, -1),
                                     jnp.moveaxis(jnp.asarray(B), 0, -1))
         assert _rel(jnp.moveaxis(got, -1, 0), want) < 1e-13
+
+
+@pytest.mark.parametrize("q", [0, 3])
+def test_kernel_matvec_equals_dense_product(rng, q):
+    """``K v`` by the two O(n) recursions (used for the packet residual) vs the dense product."""
+    x, _ = _data(rng, q)
+    v = jnp.asarray(rng.normal(size=N))
+    K = kernels.matern_cross(x, x, q, 1.7, 1.3)
+    np.testing.assert_allclose(statespace.kernel_matvec(x, v, q, 1.7, 1.3), K @ v,
+                               rtol=1e-12, atol=1e-12 * float(jnp.abs(K @ v).max()))
