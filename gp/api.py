@@ -94,12 +94,15 @@ def _concrete(*vs) -> bool:
     return not any(isinstance(v, jax.core.Tracer) for v in vs)
 
 
-def _poison(x, y, ell, s2, noise):
-    """``1.0``, or NaN when a (traced) value is invalid: multiplying the hyperparameters and
-    ``y`` by it makes the value and every derivative NaN on every path."""
+def _poison(ell, s2, noise, x=None, y=None):
+    """``1.0``, or NaN when a (traced) value is invalid: multiplying the (scalar)
+    hyperparameters by it makes the value and every derivative NaN on every path. NaN in ``x``
+    or ``y`` already propagates into the log-likelihood, so only conditioning passes them (a
+    NaN ``y`` would leave the variances finite)."""
     bad = ~(ell > 0) | ~(s2 > 0) | ~jnp.all(noise >= 0) | ~jnp.isfinite(ell * s2)
-    bad = bad | ~jnp.all(jnp.isfinite(noise)) | ~jnp.all(jnp.isfinite(x))
-    bad = bad | ~jnp.all(jnp.isfinite(y))
+    bad = bad | ~jnp.all(jnp.isfinite(noise))
+    if x is not None:
+        bad = bad | ~jnp.all(jnp.isfinite(x)) | ~jnp.all(jnp.isfinite(y))
     return jnp.where(bad, jnp.nan, 1.0)
 
 
@@ -235,8 +238,8 @@ def log_marginal_likelihood(x, y, q: int, lengthscale, variance, noise, *, metho
 
 
 def _lml(xs, ys, q, ell, s2, ns, os_, method):
-    p = _poison(xs, ys, ell, s2, ns)
-    ys, ell, s2, ns = ys * p, ell * p, s2 * p, ns * p
+    p = _poison(ell, s2, ns)
+    ell, s2, ns = ell * p, s2 * p, ns * p
     if method == "dense":
         return dense.log_marginal_likelihood(xs, ys, q, ell, s2, ns, os_)
     if method == "kp":
@@ -245,8 +248,8 @@ def _lml(xs, ys, q, ell, s2, ns, os_, method):
 
 
 def _lml_kp(xs, ys, q, ell, s2, ns):
-    p = _poison(xs, ys, ell, s2, ns)
-    lml, _, _, resid = _kp_solve(xs, ys * p, q, ell * p, s2 * p, ns * p)
+    p = _poison(ell, s2, ns)
+    lml, _, _, resid = _kp_solve(xs, ys, q, ell * p, s2 * p, ns * p)
     return lml, resid
 
 
@@ -275,8 +278,8 @@ def condition(x, y, q: int, lengthscale, variance, noise, *, method: str = "auto
 
 
 def _condition_core(xs, ys, ell, s2, ns, os_, *, q, method, with_variance):
-    p = _poison(xs, ys, ell, s2, ns)
-    ys, ell, s2, ns = ys * p, ell * p, s2 * p, ns * p
+    p = _poison(ell, s2, ns, xs, ys)
+    ell, s2, ns = ell * p, s2 * p, ns * p
     if method == "dense":
         return Posterior(q, method, ns, s2, None, None, None, None, (xs, ys, ell, os_))
     pk = beta = resid = st = None
