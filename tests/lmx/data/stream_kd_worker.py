@@ -25,6 +25,16 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def peak_rss_mb():
+    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: when the parent starts us with
+    vfork, exec folds the parent's peak into ours, so a big pytest process would show through."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def vms_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -90,7 +100,7 @@ def main(extra_mb: float, headroom: int):
     print(json.dumps({"losses": res.losses, "control": state["control"],
                       "corpus_gib": corpus_bytes / GIB, "limit_gib": state["limit"] / GIB,
                       "rss_warm_mb": state["rss_warm"], "rss_end_mb": rss_mb(),
-                      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "maxrss_mb": peak_rss_mb(),
                       "extra_tokens": n_tok}))
 
 
