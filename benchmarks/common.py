@@ -100,6 +100,8 @@ def machine() -> dict:
     except Exception as e:  # noqa: BLE001 - recorded, a benchmark may still run without jax
         info["devices_error"] = repr(e)
     info["allocator"] = allocator()
+    # other work on the machine inflates wall times (same-run ratios stay comparable)
+    info["load_avg_1_5_15min"] = list(os.getloadavg())
     return info
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pathlib
-import platform
 import threading
 import time
 
@@ -163,12 +162,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup_vs_1"] = r["tokens_per_s"] / base
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
-               "loadavg_at_end": os.getloadavg()}
+    load_avg = os.getloadavg()[0]
     title = (f"{config['model']} on CPU ({os.cpu_count()} cores, load avg "
-             f"{machine['loadavg_at_end'][0]:.1f}), {config['max_tokens']} tokens/request, "
+             f"{load_avg:.1f}), {config['max_tokens']} tokens/request, "
              f"{config['n_slots']} slots")
     return {"summary": rows, "load_seconds": load_s, "warmup_seconds": warm_s,
             "kernel_variants": variants, "xla_compiles_during_run": compiles_during,
-            "kernel_compiles_during_run": kernels_during, "machine": machine,
+            "kernel_compiles_during_run": kernels_during,
             "plots": _plot(rows, out_dir, title)}
