@@ -18,11 +18,12 @@ import ast
 import dataclasses
 import gzip
 import importlib.resources
-import json
 import os
 import pathlib
 import warnings
 from typing import Iterator
+
+from lmx.evals.jsonl import iter_json_objects
 
 OOP_FIELDS = ("task_id", "question", "test_list", "test_function", "entry_point",
               "test_matching", "test_match_function")
@@ -87,16 +88,7 @@ def _read_jsonl(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
     """
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                     f"{type(rec).__name__}")
-                yield lineno, rec
+        yield from iter_json_objects(f, path)
 
 
 def _rows(path: pathlib.Path, loader) -> list[dict]:

@@ -31,6 +31,7 @@ from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lmx.evals.data import OOPProblem, extract_code
+from lmx.evals.jsonl import iter_json_objects
 from lmx.evals.metrics import keyword_match, summarize
 from lmx.evals.sandbox import Job, Sandbox, read_jsonl_records, run_jobs, truncate_torn_tail
 
@@ -102,16 +103,7 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
     """
     out, counter, seen = [], defaultdict(int), set()
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                 f"{type(rec).__name__}")
+        for lineno, rec in iter_json_objects(f, path):
             if not isinstance(rec.get("task_id"), str):
                 raise ValueError(f"{path}:{lineno}: a sample needs a str task_id, got "
                                  f"{rec.get('task_id')!r}")

@@ -60,6 +60,8 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
+from lmx.evals.jsonl import iter_json_objects
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _BOOTSTRAP = os.path.join(_HERE, "_bootstrap.py")
 ISOLATIONS = ("namespace", "guard")
@@ -720,15 +722,10 @@ def read_jsonl_records(path: str | os.PathLike, key: str = "key") -> dict[str, d
       ValueError: a line is not a JSON object holding ``key`` (names the file and line number).
     """
     records = {}
-    for lineno, line in enumerate(truncate_torn_tail(path).splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or key not in rec:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with {key!r}")
-            records[rec[key]] = rec
+    for lineno, rec in iter_json_objects(truncate_torn_tail(path).splitlines(), path):
+        if key not in rec:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with {key!r}")
+        records[rec[key]] = rec
     return records
 
 
