@@ -15,6 +15,7 @@ import time
 import jax
 
 from benchmarks import common
+from lmx.cli import configure_logging
 from lmx.parallel import initialize_distributed
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
@@ -99,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("LMX_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     _reexec_with_caching_allocator()
     sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pathlib
 from typing import Callable
 
@@ -24,6 +25,8 @@ from graphs import metrics
 from graphs.data import GraphBatch, GraphDataset, bucket_budgets, make_batches, stack_batches
 from graphs.models import Gates, GraphModel
 from graphs.parallel import batch_sharding, data_mesh, data_parallel_size, replicated
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +227,7 @@ def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConf
         params, opt_state, masks = st["params"], st["opt_state"], st["masks"]
         head_mask, units = np.asarray(st["head_mask"]), np.asarray(st["units"])
         start = int(st["step"])
+        logger.info("resumed from the checkpoint of step %d in %s", start, cfg.ckpt_dir)
     step_fn = make_train_step(graphdef, tx, ds.task, gcfg.mode, gcfg.double_step)
     grad_fn = make_event_grads(graphdef, ds.task, gcfg.mode)
     buckets = bucket_budgets(ds.subset(train_idx), cfg.batch_size, cfg.num_buckets)
@@ -292,6 +296,7 @@ def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConf
                      "head_mask": head_mask, "units": units,
                      "step": np.asarray(step + 1, np.int64)}
             mgr.save(step + 1, args=ocp.args.StandardSave(state))
+            logger.info("checkpoint of step %d written to %s", step + 1, cfg.ckpt_dir)
     if mgr is not None:
         mgr.wait_until_finished()
     nnx.update(model, G.apply_masks(params, masks))

@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import pathlib
 import sys
 import tempfile
 from typing import Any
 
+from lmx.cli import configure_logging
 from lmx.merge import methods as M
 from lmx.merge import streaming as S
 
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         out = cfg.get("output", {})
         cfg["output"] = {**(out if isinstance(out, dict) else {}), "path": args.output}
+    configure_logging()
+    logging.getLogger(__name__).info("merge as configured in %s", args.config)
     summary = run_merge(cfg, progress=not args.no_progress)
     print(format_summary(summary))
     return 0

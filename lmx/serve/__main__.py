@@ -8,7 +8,10 @@ compiles every engine shape before it opens the port (``--no-warmup`` to skip).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+from lmx.cli import configure_logging
 
 
 def build_backend(model: str, *, max_batch: int, max_seq_len: int | None, seed: int = 0):
@@ -42,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    configure_logging("DEBUG" if args.verbose else None)
     from lmx.serve.app import ChatServer
 
     backend = build_backend(args.model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
     server = ChatServer(backend, model_name=args.served_name or args.model, host=args.host,
                         port=args.port, default_max_tokens=args.default_max_tokens,
                         warmup=not args.no_warmup, verbose=args.verbose)
-    print(f"lmx.serve: {server.model_name!r} on {server.base_url} (warming up)", flush=True)
+    logging.getLogger("lmx.serve").info("%r on %s (warming up)", server.model_name, server.base_url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
