@@ -128,6 +128,14 @@ class _Listener:
         self.sock.close()
 
 
+def _assert_refused_and_nothing_arrives(sb, prog, listener):
+    """The sample trying to reach ``listener`` fails, and the listener receives nothing."""
+    r = sb.run(Job(prog, ("assert True",)))
+    assert r.status == "failed", r
+    time.sleep(0.3)  # a connection would be accepted on the listener's thread
+    assert listener.received == []
+
+
 # -- the basic contract ---------------------------------------------------------------------------
 def test_pass_fail_and_per_test_details(sb):
     r = sb.run(Job("def f(x):\n    return x + 1\n", ("assert f(1) == 2", "assert f(2) == 4",
@@ -340,10 +348,7 @@ def test_h09_unix_socket_to_a_host_socket_file(sb):
                 "s = socket.socket(socket.AF_UNIX)\n"
                 f"s.connect({path!r})\n"
                 "s.sendall(b'escaped')\n")
-        r = sb.run(Job(prog, ("assert True",)))
-        assert r.status == "failed", r
-        time.sleep(0.3)
-        assert listener.received == []
+        _assert_refused_and_nothing_arrives(sb, prog, listener)
     finally:
         listener.close()
         os.unlink(path)
@@ -357,10 +362,7 @@ def test_h10_inet_socket_to_a_host_listener(sb):
         prog = ("import socket\n"
                 f"s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                 "s.sendall(b'escaped')\n")
-        r = sb.run(Job(prog, ("assert True",)))
-        assert r.status == "failed", r
-        time.sleep(0.3)
-        assert listener.received == []
+        _assert_refused_and_nothing_arrives(sb, prog, listener)
     finally:
         listener.close()
 
