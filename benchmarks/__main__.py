@@ -1,6 +1,9 @@
-"""``python -m benchmarks <suite>|quick|list [--preset quick|full]``.
+"""``python -m benchmarks <suite>|quick|list [--preset quick|full] [--mesh data=2,fsdp=4]``.
 
-``quick`` runs every suite's quick preset and prints one summary table per suite.
+``quick`` runs every suite's quick preset and prints one summary table per suite. ``--mesh`` sets
+the device mesh the training suites shard over (``lmx.parallel.mesh_from_spec``; default: every
+device on ``data``); each result JSON records it and the process count. Under a multi-process
+launch every process runs the suite and process 0 writes the result.
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ def run_suite(name: str, preset: str, out_dir: pathlib.Path) -> dict:
     wall = time.perf_counter() - t0
     if "summary" not in result:
         raise RuntimeError(f"suite {name!r} returned no 'summary' rows")
+    if jax.process_index() != 0:
+        log.info("suite %s, preset %s: done in %.1f s (process %d writes no result)", name, preset,
+                 wall, jax.process_index())
+        return result
     result["plots"] = [common.tag_with_preset(p, name, preset, out_dir)
                        for p in result.get("plots", [])]
     path = common.write_result(name, preset, config, result, wall, out_dir)
@@ -75,11 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("suite", help="a suite name, 'quick' (all suites, quick preset) or 'list'")
     ap.add_argument("--preset", default="quick", help="a preset of configs/bench/<suite>.json (quick, full, gpu, ...)")
     ap.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR)
+    ap.add_argument("--mesh", default=None,
+                    help="device mesh for the training suites, e.g. 'data=2,fsdp=4,tensor=1' "
+                         "(default: every device on data)")
     args = ap.parse_args(argv)
     # joins a multi-process launch (SLURM, Open MPI, multi-host TPU, or a named coordinator);
     # a no-op on one process
     if initialize_distributed():
         log.info("process %d of %d", jax.process_index(), jax.process_count())
+    try:
+        common.set_mesh_spec(args.mesh)
+    except ValueError as e:
+        ap.error(f"--mesh: {e}")
     if args.suite == "list":
         print("\n".join(available_suites()))
         return 0

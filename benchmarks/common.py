@@ -114,6 +114,49 @@ def allocator() -> str:
     return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
 
 
+_mesh_spec: str | None = None
+_mesh = None
+_mesh_used = False
+
+
+def set_mesh_spec(spec: str | None) -> None:
+    """Set the mesh every suite runs on (``--mesh data=2,fsdp=4``); validated now, before any suite runs.
+
+    Raises:
+      ValueError: the spec names an unknown axis or does not fit the devices (from
+        ``lmx.parallel.mesh_from_spec``).
+    """
+    global _mesh_spec, _mesh, _mesh_used
+    from lmx.parallel import mesh_from_spec
+
+    _mesh = mesh_from_spec(spec)
+    _mesh_spec, _mesh_used = spec, False
+
+
+def bench_mesh():
+    """The ``jax.sharding.Mesh`` a suite builds its sharded steps on: the ``--mesh`` spec, by default
+    every device (of every process) on the ``data`` axis. Calling it marks the run as mesh-using in
+    the result JSON, so a record never claims a mesh that a suite ignored."""
+    global _mesh, _mesh_used
+    if _mesh is None:
+        set_mesh_spec(_mesh_spec)
+    _mesh_used = True
+    return _mesh
+
+
+def mesh_record() -> dict:
+    """What the result JSON says about the mesh: the spec given, the axes and devices the suite's
+    steps were sharded over (when it used the mesh) and the process count."""
+    import jax
+    from lmx.parallel import describe_mesh
+
+    rec: dict[str, Any] = {"spec": _mesh_spec or "all devices on data", "used_by_suite": _mesh_used,
+                           "process_count": jax.process_count()}
+    if _mesh_used and _mesh is not None:
+        rec.update(describe_mesh(_mesh))
+    return rec
+
+
 def load_config(suite: str, preset: str) -> dict:
     path = CONFIG_DIR / f"{suite}.json"
     if not path.exists():
@@ -159,8 +202,8 @@ def write_result(suite: str, preset: str, config: dict, result: dict, wall_s: fl
     name = f"{suite}_{preset}" + ("" if backend == "cpu" else f"_{backend}")
     record = {"suite": suite, "preset": preset,
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "wall_s": wall_s, "machine": mach, "versions": versions(), "config": config,
-              **result}
+              "wall_s": wall_s, "machine": mach, "mesh": mesh_record(), "versions": versions(),
+              "config": config, **result}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(_jsonable(record), indent=1, sort_keys=False) + "\n")
     return path

@@ -94,3 +94,35 @@ def test_lm_unknown_train_contender_raises_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="train_extra"):
         lm.run({"train_shapes": [[1, 4]], "train_extra": ["ours_fast"], "train_repeats": 1,
                 "train_warmup": 0}, tmp_path)
+
+
+def test_mesh_spec_is_validated_and_recorded_only_when_a_suite_uses_it(tmp_path):
+    import json
+
+    from benchmarks import common
+
+    with pytest.raises(ValueError, match="mesh spec"):
+        common.set_mesh_spec("data=2,pipeline=4")
+    with pytest.raises(ValueError):
+        common.set_mesh_spec("data=16")  # more than the 8 test devices
+    try:
+        common.set_mesh_spec("data=2,fsdp=4")
+        rec = json.loads(common.write_result("demo", "quick", {}, {"summary": []}, 1.0,
+                                             tmp_path).read_text())["mesh"]
+        assert rec == {"spec": "data=2,fsdp=4", "used_by_suite": False, "process_count": 1}
+        mesh = common.bench_mesh()
+        assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+        rec = json.loads(common.write_result("demo", "quick", {}, {"summary": []}, 1.0,
+                                             tmp_path).read_text())["mesh"]
+        assert rec["used_by_suite"] and rec["axes"] == {"data": 2, "fsdp": 4, "tensor": 1}
+        assert rec["devices"] == 8 and rec["process_count"] == 1
+    finally:
+        common.set_mesh_spec(None)
+
+
+def test_cli_rejects_a_bad_mesh_before_running_a_suite(capsys):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["list", "--mesh", "data=0"])
+    assert e.value.code == 2 and "--mesh" in capsys.readouterr().err
