@@ -7,6 +7,7 @@ with the driver's audit hook OFF (``python_guard=False``), so the kernel layers 
 tested there; guard mode always has the hook (it is part of that mode). The outcome of each program in
 each mode is listed in ``docs/evals.md``.
 """
+import json
 import os
 import pathlib
 import secrets
@@ -698,6 +699,84 @@ def test_auto_falls_back_to_namespaces_when_bwrap_fails(monkeypatch):
     with sb:
         assert sb.isolation == "namespaces" and sb.mechanism.startswith("namespaces(")
         assert sb.run(Job("x = 1", ("assert x == 1",))).isolation == "namespaces"
+
+
+_NON_ROOT_PROBE = '''
+import json, os, sys
+from lmx.evals.sandbox import Job, Sandbox, SandboxError
+out = {"uid": os.getuid()}
+look = ("import os\\nx = (os.getuid(), os.getpid(), sorted(os.listdir('/tmp')))\\n")
+bomb = ("import os\\nn = 0\\nwhile True:\\n    try:\\n        os.fork()\\n        n += 1\\n"
+        "    except OSError:\\n        break\\nraise SystemExit(f'forks {n}')\\n")
+for iso in ("auto", "bwrap", "namespaces"):
+    try:
+        sb = Sandbox(isolation=iso, timeout=3.0, memory_bytes=512 << 20, processes=8)
+    except SandboxError as e:
+        out[iso] = {"unavailable": str(e)}
+        continue
+    with sb:
+        r = sb.run(Job(look, ("assert x[0] == os.getuid() and x[1] == 2 and x[2] == ['work'], x",)))
+        b = sb.run(Job(bomb, ("assert True",)))
+        out[iso] = {"isolation": sb.isolation, "mechanism": sb.mechanism, "status": r.status,
+                    "error": r.error, "tests": list(r.tests), "bomb": b.error}
+print(json.dumps(out))
+'''
+
+
+def test_non_root_user_gets_user_namespaces():
+    """As ``nobody`` (no capabilities): bwrap and the own namespaces code both run through an
+    unprivileged user namespace. The sandbox modules are copied to a world-readable directory
+    and run by an interpreter ``nobody`` may execute."""
+    if os.geteuid() != 0:
+        pytest.skip("not root, so no switch to another user: the other tests already run as "
+                    "this non-root user")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot run a test as nobody")
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "env", "-i",
+                 "PATH=/usr/bin:/bin"]
+    python = next((py for py in (sys.executable, "/usr/bin/python3") if subprocess.run(
+        [*as_nobody, py, "-I", "-c", "import ctypes, json"], capture_output=True,
+        timeout=60).returncode == 0), None)
+    if python is None:
+        pytest.skip(f"no interpreter that nobody may run ({sys.executable} sits below a "
+                    "directory nobody cannot enter, and /usr/bin/python3 is missing)")
+    if subprocess.run([*as_nobody, "unshare", "--user", "true"], capture_output=True,
+                      timeout=60).returncode != 0:
+        pytest.skip("this kernel refuses unprivileged user namespaces (the non-root paths "
+                    "need them; without, Sandbox() raises naming isolation='guard')")
+    # Not pytest's tmp_path: its parent is private to root.
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="lmx-nonroot-", dir="/tmp"))
+    try:
+        _run_probe_as_nobody(tmp_path, as_nobody, python)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _run_probe_as_nobody(tmp_path, as_nobody, python):
+    os.chmod(tmp_path, 0o755)
+    pkg = tmp_path / "lmx" / "evals"
+    pkg.mkdir(parents=True)
+    for init in (tmp_path / "lmx" / "__init__.py", pkg / "__init__.py"):
+        init.write_text("")
+    for name in ("sandbox.py", "jsonl.py", "_bootstrap.py", "_driver.py"):
+        shutil.copy(pathlib.Path(sandbox_mod.__file__).with_name(name), pkg / name)
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    out = subprocess.run([*as_nobody, f"PYTHONPATH={tmp_path}", python, "-c", _NON_ROOT_PROBE],
+                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    assert got["uid"] == 65534
+    assert got["auto"]["isolation"] == ("bwrap" if shutil.which("bwrap") else "namespaces")
+    for iso in ("bwrap", "namespaces") if shutil.which("bwrap") else ("namespaces",):
+        res = got[iso]
+        assert res.get("status") == "passed", (iso, res)
+        assert res["mechanism"].startswith(
+            "bwrap(user," if iso == "bwrap" else "namespaces(user,"), res
+        assert "+uid+" not in res["mechanism"]  # no uid of its own: the evaluator's, namespaced
+        # RLIMIT_NPROC binds inside the sample's user namespace: the fork bomb stops at 8.
+        assert res["bomb"].startswith("SystemExit: forks ") and int(res["bomb"].split()[-1]) < 8
 
 
 def test_limits_too_tight_to_start_are_reported_as_such(monkeypatch):
