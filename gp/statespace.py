@@ -160,7 +160,9 @@ def _filter_lml(q: int, x, y, lam, variance, noise, order):
     """Kalman-filter log marginal likelihood, nothing stored: one scan for q <= 1 (its body
     already compiles into one kernel), else the two scans of :func:`_filter_passes`. Measured at
     n = 1e6 on one core, one scan / two scans: q = 0 14 / 25 ms, q = 1 24 / 61, q = 2 480 / 86,
-    q = 3 1130 / 198."""
+    q = 3 1130 / 198. Matérn-3/2 value observations: :func:`_filter_lml_matern32`."""
+    if q == 1 and order is None:
+        return _filter_lml_matern32(x, y, lam, variance, noise)
     if q <= 1:
         return _filter_lml_one_scan(q, x, y, lam, variance, noise, order)
     P_inf, T, H, R = _inputs(x, q, lam, variance, noise, order)
@@ -182,6 +184,48 @@ def _filter_lml_one_scan(q: int, x, y, lam, variance, noise, order):
 
     init = (jnp.zeros_like(P_inf), jnp.zeros((q + 1,), x.dtype), jnp.zeros((), x.dtype))
     (_, _, acc), _ = jax.lax.scan(step, init, (T, H, y, R))
+    return _lml_from_sum(acc, x.shape[0])
+
+
+def _filter_lml_matern32(x, y, lam, variance, noise):
+    """Matérn-3/2 (q = 1) log-likelihood of value observations, the filter written on scalars.
+
+    With ``z_i = lam (x_i - x_{i-1})`` the transition is ``T = e^{-z} [[1 + z, z], [-z, 1 - z]]``
+    and ``P_inf = variance I`` (:func:`gp.kernels.ss_transition`), so on ``D = P - P_inf`` a step
+    is ``D^- = T D T^T``, ``S = D^-_00 + variance + r``, ``k = (D^-_00 + variance, D^-_10) / S``,
+    ``D = D^- - k k^T S``; the mean ``m^- = T m``, ``v = y - m^-_0``, ``m = m^- + k v``
+    (Hartikainen & Särkkä 2010). The carry is five scalars and the transition entries come in
+    as three precomputed ``[n]`` arrays (``exp`` vectorised outside the loop), where the generic
+    step carries ``[2, 2]`` arrays and an ``[n, 2, 2]`` transition: measured 1.5-1.8x faster at
+    n = 1e5 and 1e6 (2-core CPU VM under load, same run). Value only: the forward-mode
+    derivative pass (``_lml_jvp``) keeps the generic step, which measured 1.5x faster than this
+    one under ``vmap`` over the tangents (there every scalar becomes a short vector).
+    """
+    z = lam * jnp.diff(x, prepend=x[:1])
+    e = jnp.exp(-z)
+    b = e * z
+    per_point = jnp.ndim(noise) == 1
+
+    def step(carry, inp):
+        m0, m1, d00, d01, d11, acc = carry
+        (a, b, d, yi), r = inp[:4], (inp[4] if per_point else noise)
+        mp0 = a * m0 + b * m1
+        mp1 = d * m1 - b * m0
+        t00, t01 = a * d00 + b * d01, a * d01 + b * d11
+        t10, t11 = d * d01 - b * d00, d * d11 - b * d01
+        p00 = a * t00 + b * t01
+        p01 = d * t01 - b * t00
+        p11 = d * t11 - b * t10
+        ph0 = p00 + variance
+        S = ph0 + r
+        k0, k1 = ph0 / S, p01 / S
+        v = yi - mp0
+        return (mp0 + k0 * v, mp1 + k1 * v, p00 - k0 * ph0, p01 - k0 * p01, p11 - k1 * p01,
+                acc + jnp.log(S) + v * v / S), None
+
+    zero = jnp.zeros((), x.dtype)
+    xs = (e + b, b, e - b, y) + ((noise,) if per_point else ())
+    (*_, acc), _ = jax.lax.scan(step, (zero,) * 6, xs)
     return _lml_from_sum(acc, x.shape[0])
 
 
