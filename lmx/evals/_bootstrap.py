@@ -11,17 +11,22 @@ Layers, in the order the supervisor and the program's process set them up:
    ``memory.limit_in_bytes``, when the evaluator may write one) holding the whole process tree;
    the program joins it before anything else runs. Without a writable cgroup the per-process
    RLIMIT_AS is the budget divided by the process cap, so the tree's total stays in the budget.
-2. Namespace mode only: ``unshare(NEWNS | NEWNET | NEWIPC | NEWUTS | NEWPID)``; a fresh root
-   (``pivot_root`` into a tmpfs) holding only the interpreter, its shared libraries, the allowed
-   import directories and four device nodes, all read-only, plus a private size-capped ``/tmp``
-   (the working directory is ``/tmp/work``). No ``/proc``, no ``/var/tmp``, no host socket files,
-   a network stack with only a downed loopback. The program's driver is PID 1 of its PID
-   namespace: when it ends the kernel kills everything the candidate left behind.
-3. Both modes: rlimits (AS, CPU, NPROC, FSIZE, NOFILE, CORE), a fresh unprivileged uid when
+2. Namespaces mode: ``unshare(NEWNS | NEWNET | NEWIPC | NEWUTS | NEWPID)`` (plus NEWUSER with
+   a map of its own uid/gid when not root; every capability is dropped before the program runs);
+   a fresh root (``pivot_root`` into a tmpfs) holding only the interpreter, its shared libraries,
+   the allowed import directories and four device nodes, all read-only, plus a private
+   size-capped ``/tmp`` (the working directory is ``/tmp/work``). No ``/proc``, no ``/var/tmp``,
+   no host socket files, a network stack with only a downed loopback. The program's driver is
+   PID 1 of its PID namespace: when it ends the kernel kills everything the candidate left behind.
+3. Bwrap mode: the program's process, after the layers of 4, execs bubblewrap, which builds the
+   same root from ``--ro-bind`` s (plus ``--dev`` and a ``--proc`` of its own PID namespace) in
+   namespaces it creates as the sample's unprivileged uid, loads the same filter (``--seccomp``)
+   and execs a fresh interpreter running the driver as PID 1 (``--as-pid-1``).
+4. Every mode: rlimits (AS, CPU, NPROC, FSIZE, NOFILE, CORE), a fresh unprivileged uid when
    started as root, no-new-privs, a parent-death SIGKILL and a seccomp filter (classic BPF) that
    refuses every socket family but the allowed ones (none by default), ptrace, mount, keyctl,
    bpf, namespace creation, io_uring, cross-process memory access and other kernel-admin calls.
-4. Guard mode (no namespaces, explicit opt-in): the supervisor is a child subreaper and kills every
+5. Guard mode (no namespaces, explicit opt-in): the supervisor is a child subreaper and kills every
    leftover descendant; the host file system is visible, so the driver's audit hook refuses writes
    outside the working directory and any access to ``/proc`` (defence in depth, see the driver).
 

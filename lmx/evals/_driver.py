@@ -23,7 +23,8 @@ The audit hook (PEP 578) installed in the worker is defence in depth behind the 
 (seccomp, namespaces, uid, rlimits). Its options are plain booleans bound in a closure when it is
 installed, so nothing reachable from candidate code (no dict, no frame of the driver) switches
 it off; it refuses ``gc.get_objects``/``get_referrers``/``get_referents`` (the way to its function
-object) and ``ctypes`` calls into C or raw memory, and audit hooks cannot be removed from Python.
+object) and ``ctypes`` access to raw memory, and audit hooks cannot be removed from Python. It does
+not see ctypes calls into C (the seccomp filter answers the system calls those make).
 Candidate code runs outside the main thread, so ``signal.signal`` raises there. When the launcher
 runs this as a zygote, :func:`run` is called in the forked process; otherwise :func:`main` reads
 ``job.py`` (written by the launcher) from its working directory.
@@ -48,7 +49,8 @@ _PROC_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec"
                 "resource.prlimit", "os.setuid", "os.setgid"}
 # Reaching the hook's own function object (to rewrite its closure) or raw memory.
 _REACH_EVENTS = {"gc.get_objects", "gc.get_referrers", "gc.get_referents"}
-# ctypes may be imported (numpy does) but not used to call C or read/write raw memory.
+# ctypes may be imported (numpy does) but not used to read/write raw memory. (Calls of C
+# functions raise no audit event; the seccomp filter covers the system calls they make.)
 _CTYPES_EVENTS = {"ctypes.call_function", "ctypes.cdata", "ctypes.cdata/buffer",
                   "ctypes.string_at", "ctypes.wstring_at", "ctypes.PyObj_FromPtr"}
 _REFUSED_MODULES = {"_posixsubprocess", "_testcapi", "_testinternalcapi", "_xxsubinterpreters"}

