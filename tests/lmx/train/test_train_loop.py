@@ -12,7 +12,8 @@ from flax import nnx
 
 from lmx.models import ModelConfig, Transformer
 from lmx.parallel import make_mesh
-from lmx.train import TrainConfig, accumulate_grads, causal_lm_loss, make_optimizer, make_train_step, train
+from lmx.train import (TrainConfig, accumulate_grads, causal_lm_loss, init_state, make_optimizer, make_train_step,
+                       train)
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -60,20 +61,21 @@ def test_train_step_default_compiler_options_match_xla_defaults():
     """The step compiled with its default options (oneDNN matmuls on CPU) gives the same loss,
     gradient norm and updated parameters as with XLA's defaults (``compiler_options={}``)."""
     model = Transformer(ModelConfig.tiny_llama(vocab_size=64, d_model=32, d_ff=64), rngs=nnx.Rngs(2))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(TrainConfig(steps=10, lr=1e-3))
+    graphdef, state, _ = init_state(model, tx)
     batch = {"tokens": np.random.RandomState(3).randint(0, 64, (2, 4, 12)).astype(np.int32)}
     outs = []
     for options in (None, {}):
         step = make_train_step(graphdef, causal_lm_loss, tx, donate=False, compiler_options=options)
-        p, _, m = step(params, tx.init(params), rest, batch, jax.random.PRNGKey(0))
-        outs.append((p, m))
+        new, m = step(state, batch, jax.random.PRNGKey(0))
+        outs.append((new.params, m))
+        assert int(new.step) == 1 and new.aux is state.aux
     (p_fast, m_fast), (p_xla, m_xla) = outs
     assert abs(float(m_fast["loss"]) - float(m_xla["loss"])) <= 1e-6
     assert float(m_fast["grad_norm"]) == pytest.approx(float(m_xla["grad_norm"]), rel=1e-5)
     d = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), p_fast, p_xla))
     assert max(d) <= 1e-5  # 1 % of an Adam step at lr 1e-3 (Adam rescales tiny gradient entries)
-    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), p_fast, params))) > 1e-4
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), p_fast, state.params))) > 1e-4
 
 
 def test_accumulation_normalizes_by_global_token_count():
