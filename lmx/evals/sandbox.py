@@ -527,6 +527,12 @@ class Sandbox:
             err = self._probe(mode)
             if err is None:
                 break
+            # A launcher that served a failed mode may have changed its own mount namespace
+            # (bwrap staging): the next mode starts from fresh launchers.
+            with self._lock:
+                idle, self._idle = self._idle, []
+            for proc in idle:
+                Sandbox._kill(proc)
             if not err.startswith("sandbox error"):
                 raise SandboxError(f"a trivial probe sample did not pass in {mode!r} isolation "
                                    f"({err}); are the limits too tight?")

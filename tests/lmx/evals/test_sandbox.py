@@ -635,10 +635,14 @@ def test_venv_under_tmp_works(tmp_path_factory):
 
 
 def test_default_isolation_and_bad_input():
+    # "auto": bubblewrap where installed and working, else the own namespace code.
+    try:
+        Sandbox(timeout=2.0, isolation="bwrap").close()
+        expected = "bwrap"
+    except SandboxError:
+        expected = "namespaces"
     sb = Sandbox(timeout=2.0)
     try:
-        # "auto": bubblewrap where installed (and working), else the own namespace code.
-        expected = "bwrap" if shutil.which("bwrap") else "namespaces"
         assert sb.isolation == expected
         with pytest.raises(TypeError):
             sb.run("print(1)")
@@ -766,8 +770,11 @@ def _run_probe_as_nobody(tmp_path, as_nobody, python):
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got["uid"] == 65534
-    assert got["auto"]["isolation"] == ("bwrap" if shutil.which("bwrap") else "namespaces")
-    for iso in ("bwrap", "namespaces") if shutil.which("bwrap") else ("namespaces",):
+    bwrap_works = got["bwrap"].get("status") == "passed"
+    assert got["auto"]["isolation"] == ("bwrap" if bwrap_works else "namespaces")
+    if shutil.which("bwrap") and not bwrap_works:
+        assert "isolation='guard'" in got["bwrap"]["unavailable"]  # refused loudly, not weaker
+    for iso in ("bwrap", "namespaces") if bwrap_works else ("namespaces",):
         res = got[iso]
         assert res.get("status") == "passed", (iso, res)
         assert res["mechanism"].startswith(
@@ -775,6 +782,13 @@ def _run_probe_as_nobody(tmp_path, as_nobody, python):
         assert "+uid+" not in res["mechanism"]  # no uid of its own: the evaluator's, namespaced
         # RLIMIT_NPROC binds inside the sample's user namespace: the fork bomb stops at 8.
         assert res["bomb"].startswith("SystemExit: forks ") and int(res["bomb"].split()[-1]) < 8
+
+
+def test_unknown_architecture_is_refused_loudly(monkeypatch):
+    # The filters list x86_64 system-call numbers: elsewhere (aarch64 too) no weaker sandbox.
+    monkeypatch.setattr(sandbox_mod.platform, "machine", lambda: "aarch64")
+    with pytest.raises(SandboxError, match="x86_64.*aarch64"):
+        Sandbox(timeout=1.0)
 
 
 def test_limits_too_tight_to_start_are_reported_as_such(monkeypatch):
