@@ -475,6 +475,7 @@ def _flags(spec):
 
 
 # -- bubblewrap -----------------------------------------------------------------------------------
+_SHM_BYTES = 1 << 20
 _STAGED = {}  # the bind sources of this launcher's root plan, as its staging mounts expose them
 
 
@@ -534,7 +535,10 @@ def _bwrap_argv(spec, sources):
             a += ["--ro-bind", sources[path], path]
         elif kind == "mask":
             a += ["--size", "4096", "--tmpfs", path, "--remount-ro", path]
-    a += ["--dev", "/dev", "--proc", "/proc", "--perms", "0700", "--dir", "/tmp/work",
+    # bubblewrap's /dev is a writable tmpfs without a size: read-only here, with a small sized
+    # /dev/shm (POSIX semaphores of multiprocessing live there).
+    a += ["--dev", "/dev", "--size", str(_SHM_BYTES), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+          "--proc", "/proc", "--perms", "0700", "--dir", "/tmp/work",
           "--perms", "0444", "--ro-bind-data", "6", "/tmp/work/driver.py",
           "--perms", "0444", "--ro-bind-data", "7", "/tmp/work/job.py",
           "--remount-ro", "/", "--seccomp", "5", "--chdir", "/tmp/work",

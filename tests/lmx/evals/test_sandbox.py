@@ -576,6 +576,23 @@ def test_h21_the_driver_is_out_of_reach_through_proc(sb):
     assert r.passed, r
 
 
+def test_h22_dev_and_dev_shm_cannot_fill_memory(sb):
+    """bubblewrap's own /dev is an unsized writable tmpfs: /dev must refuse files and /dev/shm
+    must stop at its small size (16 x 512 KiB = 8 MiB here, under the 1 MiB FSIZE each)."""
+    prog = ("import os\n"
+            "wrote = 0\n"
+            "for path in [f'/dev/shm/f{i}' for i in range(16)] + ['/dev/f']:\n"
+            "    try:\n"
+            "        with open(path, 'wb') as f:\n"
+            "            f.write(b'x' * (512 << 10))\n"
+            "        wrote += 1\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "assert wrote <= 2, wrote\n")
+    r = sb.run(Job(prog, ("assert True",)))
+    assert r.passed, r
+
+
 # -- configuration, interpreters, bad input ------------------------------------------------------
 def test_fresh_interpreter_mode(tmp_path):
     sb = _make("namespaces", fresh_interpreter=True)
