@@ -170,7 +170,7 @@ def _cgroup_create(spec):
     """A per-sample cgroup capping the whole tree's memory, or None.
 
     Returns ``(parent dir fd, name, cgroup.procs fd)``: everything later goes through these fds,
-    because in namespace mode the supervisor no longer sees ``/sys`` once it has pivoted.
+    because in namespaces mode the supervisor no longer sees ``/sys`` once it has pivoted.
     """
     cg = spec["cgroup"]
     if cg is None:
@@ -520,9 +520,9 @@ def _bwrap_sources(spec):
 
 def _bwrap_argv(spec, sources):
     """bubblewrap's command line; fd 5 holds the filter, 6 and 7 the driver and the job."""
-    uid = os.getuid() if spec["uid"] is None else spec["uid"]
+    uid, gid = (os.getuid(), os.getgid()) if spec["uid"] is None else (spec["uid"], spec["uid"])
     a = [spec["bwrap"], "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-         "--as-pid-1", "--cap-drop", "ALL", "--uid", str(uid), "--gid", str(uid),
+         "--as-pid-1", "--cap-drop", "ALL", "--uid", str(uid), "--gid", str(gid),
          "--hostname", "sandbox", "--clearenv"]
     for key, value in spec["env"].items():
         a += ["--setenv", key, value]

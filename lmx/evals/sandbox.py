@@ -22,8 +22,8 @@ with the kernel instead. Per sample:
   directories (read-only) plus a private size-capped ``/tmp``: no ``/proc``, ``/var/tmp``, socket
   files or home directories; it is a fork of the clean launcher (a zygote that never held
   evaluator state; ``fresh_interpreter=True`` execs a new ``python -I -S`` instead);
-* in both: the program's driver is PID 1 of its PID namespace, so the kernel kills whatever the
-  candidate leaves behind;
+* in bwrap and namespaces modes: the program's driver is PID 1 of its PID namespace, so the
+  kernel kills whatever the candidate leaves behind;
 * isolation ``"guard"`` (explicit opt-in, weaker; for machines without namespaces): no fresh root;
   a child subreaper kills leftovers, and the driver's audit hook refuses writes outside the
   sample's directory, directory fds and ``/proc``;

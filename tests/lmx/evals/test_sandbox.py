@@ -424,7 +424,7 @@ def test_h13_killing_the_parent_and_process_group_fails(sb):
 
 def test_h14_frame_walk_cannot_switch_the_guard_off(tmp_path):
     """The attack on the audit hook: walk frames to the driver's state, flip every 'guard' flag
-    found, then write outside and connect out. Runs with the hook ON in both modes."""
+    found, then write outside and connect out. Runs with the hook ON in every mode."""
     escape = f"/tmp/lmx-escape-{secrets.token_hex(4)}"
     d = tempfile.mkdtemp(prefix="lmx-sock-")
     os.chmod(d, 0o1777)
