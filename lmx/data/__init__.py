@@ -12,7 +12,7 @@ part in a multi-process run. Guide: ``docs/data.md``.
 * code problems (evals): :func:`load_humaneval_dataset`, :func:`load_oop_dataset`;
 * molecules (graphs): :func:`load_molecule_table`, :func:`to_graph_dataset`.
 """
-from lmx.data._load import BUILDERS, Column, builder_for, check_schema, open_split
+from lmx.data._load import BUILDERS, Column, builder_for, check_schema, is_stream, open_split
 from lmx.data.classification import ClassificationPool, load_classification_pool
 from lmx.data.codeeval import (HUMANEVAL_SCHEMA, OOP_SCHEMA, load_humaneval_dataset,
                                load_oop_dataset, shipped_oop_file)
@@ -22,7 +22,7 @@ from lmx.data.preference import (hh_messages, load_preference_pairs, pair_schema
 from lmx.data.text import (load_text_corpus, pack_corpus, packed_batches, render_chat,
                            stream_get_batch, tokenize_corpus)
 
-__all__ = ["BUILDERS", "Column", "builder_for", "check_schema", "open_split",
+__all__ = ["BUILDERS", "Column", "builder_for", "check_schema", "is_stream", "open_split",
            "ClassificationPool", "load_classification_pool",
            "HUMANEVAL_SCHEMA", "OOP_SCHEMA", "load_humaneval_dataset", "load_oop_dataset",
            "shipped_oop_file", "MoleculeTable", "load_molecule_table", "to_graph_dataset",

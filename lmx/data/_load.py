@@ -141,7 +141,6 @@ def _for_process(ds, process_index: int | None, process_count: int | None):
                          f"{process_count})")
     if process_count == 1:
         return ds
-    ds_mod = _datasets()
     if is_stream(ds):
         from datasets.distributed import split_dataset_by_node
 

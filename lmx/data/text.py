@@ -10,8 +10,8 @@ Packing follows the usual causal-LM recipe (GPT-2, Radford et al. 2019; Hugging 
 ``run_clm``'s ``group_texts``): each document's ids, then EOS, are appended to one stream that is
 cut into rows of ``seq_len`` tokens, so no position is padding and a row may hold the end of one
 document and the start of the next. Unlike ``group_texts`` the stream is contiguous across
-``map`` batches (no tokens are dropped at batch edges), so the rows equal
-``lmx.kd.trainer.pack_texts`` on the same texts.
+``map`` batches (no tokens are dropped at batch edges), so the rows do not depend on the batch
+size or on whether the corpus is streamed.
 
 Map-style datasets tokenize through ``Dataset.map(batched=True)``, whose result is cached as Arrow
 next to the source files (a second run with the same tokenizer reads the cache); streamed
@@ -192,11 +192,12 @@ def pack_corpus(ds, tokenizer: Any, seq_len: int, *, n_rows: int | None = None,
                 column: str | None = None, eos_id: int | None = None, pad_id: int = 0,
                 drop_remainder: bool = True, map_batch_size: int = 1000,
                 num_proc: int | None = None) -> dict[str, np.ndarray]:
-    """Packed rows ``{"tokens": int32 [N, T], "mask": bool [N, T]}`` of a map-style corpus.
+    """Packed rows ``{"tokens": int32 [N, T], "mask": bool [N, T]}`` of a corpus.
 
-    ``n_rows``: stop after that many rows (error if the corpus is shorter). With
+    ``n_rows``: stop after that many rows (error if the corpus is shorter); a stream is read
+    only as far as the rows need (without ``n_rows`` it is read to its end). With
     ``drop_remainder=False`` the final partial row is kept, padded with ``pad_id`` and masked
-    out (mask False). Tokenization is the cached ``map`` of :func:`tokenize_corpus`.
+    out (mask False). Map-style tokenization is the cached ``map`` of :func:`tokenize_corpus`.
 
     Raises:
       ValueError: bad ``seq_len`` / ``n_rows``; the corpus holds fewer than ``n_rows`` rows.

