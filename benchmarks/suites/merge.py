@@ -27,6 +27,8 @@ import warnings
 
 import numpy as np
 
+from benchmarks.common import bench_mesh
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -77,24 +79,26 @@ def _accuracy_rows(cfg: dict) -> tuple[list[dict], dict]:
         add("TIES (dis-sum, lam 0.3)", acc(LM.ties_merging(tt.base, tvs)))
         add("TIES (dis-mean, lam 1.0)", acc(LM.ties_merging(tt.base, tvs, merge="mean", lam=1.0)))
         add("DARE + TA (p 0.5, lam 0.3)", acc(LM.dare(tt.base, tvs, p=0.5, seed=seed)))
-        ent, gb = toy.entropy_objective, tt.batches(seed=seed)
+        ent, gb = tt.entropy_objective, tt.batches(seed=seed)
         progress = bool(cfg.get("progress", False))
+        mesh = bench_mesh()
         for gran, label in (("task", "TW"), ("layer", "LW")):
             r = timed(f"{label} AdaMerging", lambda: LM.adamerging(
                 tt.base, tvs, ent, gb, LM.AdaMergingConfig(
-                    granularity=gran, steps=steps["adamerging"], progress=progress)))
+                    granularity=gran, steps=steps["adamerging"], progress=progress), mesh=mesh))
             add(f"{label} AdaMerging", acc(r.params))
             extra["entropy_history"].setdefault(f"{label} AdaMerging", []).append(
                 [float(r.history["adamerging"][:20].mean()), float(r.history["adamerging"][-20:].mean())])
             ccfg = LM.ConcreteConfig(granularity=gran, meta_steps=steps["meta"],
                                      tta_steps=steps["tta"], seed=seed, progress=progress)
             r = timed(f"{label} Concrete AM", lambda: LM.concrete_adamerging(
-                tt.base, tvs, ent, gb, ccfg))
+                tt.base, tvs, ent, gb, ccfg, mesh=mesh))
             add(f"{label} Concrete AM", acc(r.params))
             extra["entropy_history"].setdefault(f"{label} Concrete AM (meta)", []).append(
                 [float(r.history["meta"][:20].mean()), float(r.history["meta"][-20:].mean())])
         ccfg = LM.ConcreteConfig(steps=steps["concrete_ta"], seed=seed, progress=progress)
-        r = timed("Concrete TA", lambda: LM.concrete_task_arithmetic(tt.base, tvs, ent, gb, ccfg))
+        r = timed("Concrete TA", lambda: LM.concrete_task_arithmetic(tt.base, tvs, ent, gb, ccfg,
+                                                                          mesh=mesh))
         extra["entropy_history"].setdefault("Concrete TA", []).append(
             [float(r.history["concrete_ta"][:20].mean()), float(r.history["concrete_ta"][-20:].mean())])
         draw_acc = np.stack([acc(LM.concrete_merge(tt.base, tvs, r.logits, 0.3,
@@ -107,12 +111,12 @@ def _accuracy_rows(cfg: dict) -> tuple[list[dict], dict]:
         if cfg.get("supervised", True):
             sup = tt.batches(labels=True, seed=seed)
             r = timed("LW AdaMerging (CE)", lambda: LM.adamerging(
-                tt.base, tvs, toy.cross_entropy_objective, sup, LM.AdaMergingConfig(
-                    steps=steps["adamerging"], progress=progress)))
+                tt.base, tvs, tt.cross_entropy_objective, sup, LM.AdaMergingConfig(
+                    steps=steps["adamerging"], progress=progress), mesh=mesh))
             add("LW AdaMerging (CE surrogate)", acc(r.params))
             r = timed("Concrete TA (CE)", lambda: LM.concrete_task_arithmetic(
-                tt.base, tvs, toy.cross_entropy_objective, sup, LM.ConcreteConfig(
-                    steps=steps["concrete_ta"], seed=seed, progress=progress)))
+                tt.base, tvs, tt.cross_entropy_objective, sup, LM.ConcreteConfig(
+                    steps=steps["concrete_ta"], seed=seed, progress=progress), mesh=mesh))
             add("Concrete TA (CE surrogate)", np.mean([acc(LM.concrete_merge(
                 tt.base, tvs, r.logits, 0.3, jax.random.PRNGKey(1000 + d)))
                 for d in range(draws)], 0))

@@ -1,19 +1,21 @@
 """The one place where merging touches device meshes (via ``lmx.parallel``).
 
-Learned merges (AdaMerging, Concrete) run a jitted step whose state (coefficients, mask logits,
-Adam moments, base weights, task vectors) is replicated and whose per-task unlabeled batches are
-split along their leading batch axis over the data-parallel mesh axes (``data`` x ``fsdp``) of
-``lmx.parallel.make_mesh`` (Auto axes; all devices on ``data`` by default).
+Learned merges (AdaMerging, Concrete) keep their big arrays split over the ``fsdp`` mesh axis:
+every float tensor of the merge (base weights, each task's vector, the Concrete mask logits and
+their Adam moments) has its largest dimension that divides the ``fsdp`` size named ``"shard"``,
+a logical axis that :data:`lmx.parallel.DEFAULT_RULES` maps to ``fsdp``; the K stacked task
+vectors add an unsharded leading axis. Coefficients (``[K]`` / ``[K, L]``) and non-float leaves
+stay replicated. Per-task unlabeled batches are split along their leading axis over ``data`` x
+``fsdp`` by :func:`lmx.parallel.shard_batch`, which raises for a batch that does not divide.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
-from lmx.parallel import BATCH_AXES, batch_sharding, make_mesh, replicated
+from lmx.parallel import DEFAULT_RULES, logical_to_spec, make_mesh, replicated
 
 
 def make_merge_mesh() -> Mesh:
@@ -21,26 +23,32 @@ def make_merge_mesh() -> Mesh:
     return make_mesh()
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place every leaf of ``tree`` fully replicated on ``mesh``."""
-    return jax.device_put(tree, replicated(mesh))
+def tensor_axes(shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES
+                ) -> tuple[str | None, ...]:
+    """Logical axes of a merged tensor: ``"shard"`` on its largest dimension that divides the
+    size of the mesh axes the ``"shard"`` rule names (the first such dimension on ties), None
+    elsewhere; all None when no dimension divides or the rule names no axis of ``mesh``."""
+    axes = rules.get("shard")
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    size = 1
+    for a in axes:
+        size *= mesh.shape.get(a, 1)
+    names: list[str | None] = [None] * len(shape)
+    fits = [i for i, d in enumerate(shape) if d % size == 0 and d >= size]
+    if size > 1 and fits:
+        names[max(fits, key=lambda i: (shape[i], -i))] = "shard"
+    return tuple(names)
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Split each leaf along axis 0 over the batch axes when divisible, else replicate it
-    (unlike ``lmx.parallel.shard_batch``, which raises: per-task batches of any size work)."""
-    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-
-    def put(x):
-        if x.ndim >= 1 and x.shape[0] % n == 0:
-            return jax.device_put(x, batch_sharding(mesh, x.ndim))
-        return jax.device_put(x, replicated(mesh))
-
-    return jax.tree_util.tree_map(put, batch)
+def tensor_sharding(shape: Sequence[int], mesh: Mesh, *, stacked: bool = False,
+                    rules: Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of one merged tensor of ``shape``; ``stacked``: ``shape`` has a leading task axis
+    (task vectors ``[K, ...]``), which is never split."""
+    inner = tuple(shape[1:]) if stacked else tuple(shape)
+    names = ((None,) if stacked else ()) + tensor_axes(inner, mesh, rules)
+    return NamedSharding(mesh, logical_to_spec(names, tuple(shape), mesh, rules))
 
 
-def sharded_step(step: Callable, mesh: Mesh) -> Callable:
-    """``step(state, const, batch, key) -> (state, loss)`` jitted with replicated outputs;
-    inputs keep the shardings given by :func:`replicate` / :func:`shard_batch` and the GSPMD
-    partitioner propagates the rest."""
-    return jax.jit(step, out_shardings=replicated(mesh))
+def replicate_all(tree: Any, mesh: Mesh) -> Any:
+    """A replicated sharding for every leaf of ``tree`` (same structure)."""
+    return jax.tree.map(lambda _: replicated(mesh), tree)

@@ -14,9 +14,12 @@ they are used when ``clamp`` is set (official wrappers; FusionBench: off).
 
 The learning objective is any ``objective(params, batch) -> scalar`` on the merged pytree; the
 papers use :func:`entropy_objective` on unlabeled test inputs (AdaMerging, Yang et al. 2024,
-arXiv:2310.02575). Training loops run a
-jitted step sharded over the ``"data"`` mesh axis (:mod:`lmx.merge._sharding`); batches come
-from ``get_batch(step)``, which must be deterministic in ``step`` (like ``lmx.train``).
+arXiv:2310.02575). Each method is a step of the ``lmx.train`` protocol
+(``step(state, batch, key) -> (state, metrics)``: :func:`make_adamerging_step`,
+:func:`make_concrete_ta_step`, :func:`make_concrete_am_step`, for a user's own loop) driven by
+``lmx.train.run``; batches come from ``get_batch(step)``, which must be deterministic in ``step``.
+Sharding (:mod:`lmx.merge._sharding`): mask logits, their Adam moments, base weights and task
+vectors split over the ``fsdp`` mesh axis, batch rows over ``data`` x ``fsdp``.
 """
 from __future__ import annotations
 
@@ -28,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+from jax.sharding import Mesh
 
 from lmx.merge import _sharding
 from lmx.merge import tree as T
+from lmx.parallel import replicated
+from lmx.train import RunConfig, Step, TrainState, compile_step, follow_params, place_state, run
 
 PyTree = Any
 Objective = Callable[[PyTree, Any], jax.Array]
@@ -306,72 +311,134 @@ class MergeResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Loops
+# Steps (the ``lmx.train`` protocol: ``step(state, batch, key) -> (state, metrics)``) and drivers
 
 
-def _loop(step_fn, state, const, get_batch, n_steps, *, batches_per_step, offset, key, mesh,
-          desc, progress):
-    losses = []
-    bar = tqdm(range(n_steps), desc=desc, disable=not progress, leave=False)
-    for s in bar:
-        raw = [get_batch(offset + batches_per_step * s + j) for j in range(batches_per_step)]
-        batch = _sharding.shard_batch(jax.tree_util.tree_map(jnp.asarray, raw), mesh)
-        state, loss = step_fn(state, const, batch, jax.random.fold_in(key, s))
-        losses.append(loss)
-        if progress and s % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    hist = np.asarray(jax.device_get(jnp.stack(losses))) if losses else np.zeros(0, np.float32)
-    return state, hist
+def _merge_state(prob: MergeProblem, params, opt_state, aux: dict, mesh: Mesh, *,
+                 sharded_params: bool, extra=None) -> tuple[TrainState, TrainState]:
+    """A placed :class:`lmx.train.TrainState` and its shardings: per-tensor ``params`` (mask
+    logits) split over ``fsdp`` when ``sharded_params``, else replicated (coefficients); Adam
+    moments follow their params; base weights and task vectors split over ``fsdp``."""
+    if sharded_params:
+        p_sh = [_sharding.tensor_sharding(b.shape, mesh) for b in prob.base]
+    else:
+        p_sh = replicated(mesh)
+    tensors = {"base": [_sharding.tensor_sharding(b.shape, mesh) for b in prob.base],
+               "tau": [_sharding.tensor_sharding(t.shape, mesh, stacked=True) for t in prob.tau]}
+    if aux.get("mask") is not None:
+        tensors["mask"] = [_sharding.tensor_sharding(m.shape, mesh) for m in aux["mask"]]
+    aux_sh = {k: tensors.get(k, _sharding.replicate_all(v, mesh)) for k, v in aux.items()}
+    params = jax.device_put(params, p_sh)
+    shardings = TrainState(step=replicated(mesh), params=p_sh,
+                           opt_state=follow_params(opt_state, params),
+                           extra=_sharding.replicate_all(extra, mesh),
+                           aux=aux_sh)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                       extra=extra, aux=aux)
+    return place_state(state, shardings), shardings
 
 
+# The step functions are cached on the objective, the tree layout and the hyperparameters, and
+# their compiled steps on (function, state shardings): repeated merges of same-shaped models
+# reuse one compiled step.
 @functools.lru_cache(maxsize=32)
-def _adamerging_step(objective, layout, lr, clamp, mesh):
+def _adamerging_fn(objective, layout, lr, clamp):
     opt = optax.adam(lr)
 
-    def step(state, const, batch, key):
-        del key
-        c, opt_state = state
-        base, tau, m, others = const
+    def fn(state, batch, rng):
+        del rng
+        a = state.aux
 
         def loss_fn(c):
-            merged = merge_float(base, tau, c, m, clamp=clamp)
-            return objective(_assemble(layout, others, merged), batch[0])
+            merged = merge_float(a["base"], a["tau"], c, a["mask"], clamp=clamp)
+            return objective(_assemble(layout, a["others"], merged), batch)
 
-        loss, g = jax.value_and_grad(loss_fn)(c)
-        upd, opt_state = opt.update(g, opt_state, c)
-        return (optax.apply_updates(c, upd), opt_state), loss
+        loss, g = jax.value_and_grad(loss_fn)(state.params)
+        upd, opt_state = opt.update(g, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, upd), opt_state=opt_state), {"loss": loss}
 
-    return opt, _sharding.sharded_step(step, mesh)
+    return opt, fn
 
 
-def _adamerging_phase(prob: MergeProblem, objective: Objective, get_batch, *, granularity,
-                      init, lr, steps, clamp, mask, offset, mesh, progress, desc):
-    opt, step = _adamerging_step(objective, prob.layout, lr, clamp, mesh)
+def _adamerging_setup(prob: MergeProblem, objective: Objective, *, granularity, init, lr, clamp,
+                      mask, mesh) -> tuple[TrainState, Step]:
+    opt, fn = _adamerging_fn(objective, prob.layout, lr, clamp)
     coeffs = jnp.full(prob.coeff_shape(granularity), init, jnp.float32)
-    state = _sharding.replicate((coeffs, opt.init(coeffs)), mesh)
-    const = _sharding.replicate((prob.base, prob.tau, mask, prob.others), mesh)
-    (coeffs, _), hist = _loop(step, state, const, get_batch, steps, batches_per_step=1,
-                              offset=offset, key=jax.random.PRNGKey(0), mesh=mesh, desc=desc,
-                              progress=progress)
-    return coeffs, hist
+    aux = {"base": prob.base, "tau": prob.tau, "mask": mask, "others": prob.others}
+    state, shardings = _merge_state(prob, coeffs, opt.init(coeffs), aux, mesh, sharded_params=False)
+    return state, _compiled(fn, shardings)
+
+
+_STEPS: dict = {}
+
+
+def _compiled(fn, shardings: TrainState) -> Step:
+    """One compiled :class:`lmx.train.Step` per (step function, state shardings)."""
+    key = (fn, jax.tree_util.tree_structure(shardings), tuple(jax.tree.leaves(shardings)))
+    if key not in _STEPS:
+        if len(_STEPS) >= 64:
+            _STEPS.pop(next(iter(_STEPS)))
+        _STEPS[key] = compile_step(fn, shardings=shardings, compiler_options={})
+    return _STEPS[key]
+
+
+def make_adamerging_step(base: PyTree, task_vectors: Sequence[PyTree], objective: Objective,
+                         config: AdaMergingConfig = AdaMergingConfig(), *,
+                         mask: dict[str, jax.Array] | None = None, mesh: Mesh | None = None
+                         ) -> tuple[TrainState, Step]:
+    """``(state, step)`` of AdaMerging for a user's own loop (:func:`adamerging` drives it).
+
+    ``state.params``: the coefficients (``[K]`` / ``[K, L]``, replicated), ``state.aux``: base
+    weights, task vectors (split over ``fsdp``), the rescaled ``mask`` (or None) and the non-float
+    leaves. ``step(state, batch, key) -> (state, {"loss"})`` takes one Adam step on
+    ``objective(merged, batch)``; ``batch`` must be placed with
+    ``lmx.parallel.shard_batch(batch, mesh)`` (rows over ``data`` x ``fsdp``)::
+
+        state, step = make_adamerging_step(base, tvs, objective, AdaMergingConfig(lr=1e-3))
+        for s in range(100):
+            state, metrics = step(state, shard_batch(get_batch(s), mesh), key)
+        merged = merge_with_coefficients(base, tvs, state.params, clamp=True)
+    """
+    prob = MergeProblem(base, task_vectors)
+    m = None if mask is None else rescale_mask(prob.from_dict(mask, name="mask"))
+    return _adamerging_setup(prob, objective, granularity=config.granularity, init=config.init,
+                             lr=config.lr, clamp=config.clamp, mask=m,
+                             mesh=mesh or _sharding.make_merge_mesh())
+
+
+def _drive(state: TrainState, step: Step, get_batch, n_steps: int, *, key, mesh, desc, progress):
+    result = run(state, step, get_batch, RunConfig(steps=n_steps, progress=progress, desc=desc,
+                                                   log_every=50), mesh=mesh, key=key)
+    return result.state, np.asarray(result.losses, np.float32)
+
+
+def _check_mesh(mesh):
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    return mesh or _sharding.make_merge_mesh()
 
 
 def adamerging(base: PyTree, task_vectors: Sequence[PyTree], objective: Objective,
                get_batch: Callable[[int], Any], config: AdaMergingConfig = AdaMergingConfig(),
-               *, mask: dict[str, jax.Array] | None = None) -> MergeResult:
+               *, mask: dict[str, jax.Array] | None = None, mesh: Mesh | None = None) -> MergeResult:
     """AdaMerging: minimise ``objective`` over task-wise or layer-wise coefficients with Adam.
 
-    One step = one ``get_batch(step)`` (one batch per task for the entropy objective). With
-    ``mask`` (dict of per-tensor masks, rescaled here) it runs inside that subspace (Concrete AM
-    phase B). Returns a :class:`MergeResult` (``history["adamerging"]``: loss before each step).
+    One step = one ``get_batch(step)`` (one batch per task for the entropy objective), rows split
+    over the ``data`` x ``fsdp`` axes of ``mesh`` (default: all devices on ``data``; a batch
+    that does not divide raises ValueError). With ``mask`` (dict of per-tensor masks, rescaled
+    here) it runs inside that subspace (Concrete AM phase B). Runs
+    :func:`make_adamerging_step` on the ``lmx.train.run`` driver. Returns a
+    :class:`MergeResult` (``history["adamerging"]``: loss before each step).
     """
+    mesh = _check_mesh(mesh)
     prob = MergeProblem(base, task_vectors)
     m = None if mask is None else rescale_mask(prob.from_dict(mask, name="mask"))
-    mesh = _sharding.make_merge_mesh()
-    coeffs, hist = _adamerging_phase(
-        prob, objective, get_batch, granularity=config.granularity, init=config.init,
-        lr=config.lr, steps=config.steps, clamp=config.clamp, mask=m, offset=0, mesh=mesh,
-        progress=config.progress, desc=f"adamerging-{config.granularity}")
+    state, step = _adamerging_setup(prob, objective, granularity=config.granularity,
+                                    init=config.init, lr=config.lr, clamp=config.clamp, mask=m,
+                                    mesh=mesh)
+    state, hist = _drive(state, step, get_batch, config.steps, key=jax.random.PRNGKey(0), mesh=mesh,
+                         desc=f"adamerging-{config.granularity}", progress=config.progress)
+    coeffs = state.params
     params = prob.assemble(merge_float(prob.base, prob.tau, coeffs, m, clamp=config.clamp),
                            cast=True)
     return MergeResult(params, coeffs, None, None if m is None else prob.to_dict(m),
@@ -383,35 +450,33 @@ def _final_mask(logits, config: ConcreteConfig, key):
 
 
 @functools.lru_cache(maxsize=32)
-def _concrete_ta_step(objective, layout, lr, temperature, clamp, mesh):
+def _concrete_ta_fn(objective, layout, lr, temperature, clamp):
     opt = optax.adam(lr)
 
-    def step(state, const, batch, key):
-        logits, opt_state = state
-        base, tau, lam, others = const
+    def fn(state, batch, rng):
+        a = state.aux
 
         def loss_fn(x):
-            m = rescale_mask(sample_mask(key, x, temperature))
-            merged = merge_float(base, tau, lam, m, clamp=clamp)
-            return objective(_assemble(layout, others, merged), batch[0])
+            m = rescale_mask(sample_mask(rng, x, temperature))
+            merged = merge_float(a["base"], a["tau"], a["lam"], m, clamp=clamp)
+            return objective(_assemble(layout, a["others"], merged), batch)
 
-        loss, g = jax.value_and_grad(loss_fn)(logits)
-        upd, opt_state = opt.update(g, opt_state, logits)
-        return (optax.apply_updates(logits, upd), opt_state), loss
+        loss, g = jax.value_and_grad(loss_fn)(state.params)
+        upd, opt_state = opt.update(g, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, upd), opt_state=opt_state), {"loss": loss}
 
-    return opt, _sharding.sharded_step(step, mesh)
+    return opt, fn
 
 
 @functools.lru_cache(maxsize=32)
-def _concrete_meta_step(objective, layout, inner_lr, outer_lr, temperature, clamp, variant,
-                        mesh):
+def _concrete_meta_fn(objective, layout, inner_lr, outer_lr, temperature, clamp, variant):
     inner, outer = optax.adam(inner_lr), optax.adam(outer_lr)
 
-    def step(state, const, batch, key):
-        logits, outer_state, inner_state = state
-        base, tau, lam0, others = const
-        k1, k2 = jax.random.split(key)
-        m1 = sample_mask(k1, logits, temperature)
+    def fn(state, batch, rng):
+        a = state.aux
+        base, tau, lam0, others = a["base"], a["tau"], a["lam0"], a["others"]
+        k1, k2 = jax.random.split(rng)
+        m1 = sample_mask(k1, state.params, temperature)
 
         def inner_loss(c):
             m = rescale_mask(jax.lax.stop_gradient(m1))
@@ -419,7 +484,7 @@ def _concrete_meta_step(objective, layout, inner_lr, outer_lr, temperature, clam
             return objective(_assemble(layout, others, merged), batch[0])
 
         g_lam = jax.grad(inner_loss)(lam0)
-        upd, inner_state = inner.update(g_lam, inner_state, lam0)
+        upd, inner_state = inner.update(g_lam, state.extra, lam0)
         lam1 = jax.lax.stop_gradient(optax.apply_updates(lam0, upd))
 
         def outer_loss(x):
@@ -428,36 +493,87 @@ def _concrete_meta_step(objective, layout, inner_lr, outer_lr, temperature, clam
             merged = merge_float(base, tau, lam1, rescale_mask(m), clamp=clamp)
             return objective(_assemble(layout, others, merged), batch[1])
 
-        loss, g = jax.value_and_grad(outer_loss)(logits)
-        upd, outer_state = outer.update(g, outer_state, logits)
-        return (optax.apply_updates(logits, upd), outer_state, inner_state), loss
+        loss, g = jax.value_and_grad(outer_loss)(state.params)
+        upd, outer_state = outer.update(g, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, upd), opt_state=outer_state,
+                             extra=inner_state), {"loss": loss}
 
-    return inner, outer, _sharding.sharded_step(step, mesh)
+    return inner, outer, fn
+
+
+def _concrete_ta_setup(prob: MergeProblem, objective: Objective, config: ConcreteConfig, mesh
+                       ) -> tuple[TrainState, Step]:
+    opt, fn = _concrete_ta_fn(objective, prob.layout, config.mask_lr, config.temperature,
+                              config.clamp)
+    logits = prob.init_logits(config.init_logit)
+    lam = jnp.full((prob.n_tasks,), config.lam, jnp.float32)
+    aux = {"base": prob.base, "tau": prob.tau, "lam": lam, "others": prob.others}
+    state, shardings = _merge_state(prob, logits, opt.init(logits), aux, mesh, sharded_params=True)
+    return state, _compiled(fn, shardings)
+
+
+def _concrete_meta_setup(prob: MergeProblem, objective: Objective, config: ConcreteConfig, mesh
+                         ) -> tuple[TrainState, Step]:
+    inner, outer, fn = _concrete_meta_fn(objective, prob.layout, config.inner_lr,
+                                         config.mask_lr, config.temperature, config.clamp,
+                                         config.variant)
+    logits = prob.init_logits(config.init_logit)
+    lam0 = jnp.full(prob.coeff_shape(config.granularity), config.lam, jnp.float32)
+    aux = {"base": prob.base, "tau": prob.tau, "lam0": lam0, "others": prob.others}
+    state, shardings = _merge_state(prob, logits, outer.init(logits), aux, mesh, sharded_params=True,
+                                    extra=inner.init(lam0))
+    return state, _compiled(fn, shardings)
+
+
+def make_concrete_ta_step(base: PyTree, task_vectors: Sequence[PyTree], objective: Objective,
+                          config: ConcreteConfig = ConcreteConfig(), *, mesh: Mesh | None = None
+                          ) -> tuple[TrainState, Step]:
+    """``(state, step)`` of Concrete TA for a user's own loop (:func:`concrete_task_arithmetic`
+    drives it).
+
+    ``state.params``: the mask logits (list, :func:`lmx.merge.tree.float_leaf_names` order),
+    split over ``fsdp`` like their Adam moments, the base weights and the task vectors
+    (``state.aux``). ``step(state, batch, key)``: draw m ~ RelaxedBernoulli(x, t) from ``key``,
+    one Adam step on ``objective(theta_0 + lam m~ * sum_i tau_i, batch)``; ``batch`` placed by
+    ``lmx.parallel.shard_batch(batch, mesh)``.
+    """
+    return _concrete_ta_setup(MergeProblem(base, task_vectors), objective, config, _check_mesh(mesh))
+
+
+def make_concrete_am_step(base: PyTree, task_vectors: Sequence[PyTree], objective: Objective,
+                          config: ConcreteConfig = ConcreteConfig(), *, mesh: Mesh | None = None
+                          ) -> tuple[TrainState, Step]:
+    """``(state, step)`` of the Concrete AdaMerging bi-level (phase A) step for a user's own loop
+    (:func:`concrete_adamerging` drives it, then runs phase B).
+
+    ``state.params``: mask logits (sharded as in :func:`make_concrete_ta_step`); ``state.extra``:
+    the inner Adam state of lam (persists across steps); ``state.aux["lam0"]``: lam's reset value.
+    ``batch`` = ``(inner_batch, outer_batch)``, each placed by ``lmx.parallel.shard_batch``.
+    """
+    return _concrete_meta_setup(MergeProblem(base, task_vectors), objective, config,
+                                _check_mesh(mesh))
 
 
 def concrete_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
                              objective: Objective, get_batch: Callable[[int], Any],
-                             config: ConcreteConfig = ConcreteConfig()) -> MergeResult:
+                             config: ConcreteConfig = ConcreteConfig(), *,
+                             mesh: Mesh | None = None) -> MergeResult:
     """Concrete TA (Tang et al. 2023, arXiv:2312.06173): learn shared mask logits x with lam
     fixed at ``config.lam``.
 
     Each step: m ~ RelaxedBernoulli(x, t) (fresh draw), m~ = m / mean(m) per tensor,
     theta = theta_0 + lam m~ * sum_i tau_i, loss = objective(theta, get_batch(step)), Adam on x.
     Output: merged with one fresh seeded draw of kind ``config.eval_mask`` from the final logits
-    (FusionBench's evaluation; the official code keeps its last training draw).
+    (FusionBench's evaluation; the official code keeps its last training draw). ``mesh``: as
+    :func:`adamerging`; the logits, their moments and the task vectors are split over ``fsdp``.
     """
+    mesh = _check_mesh(mesh)
     prob = MergeProblem(base, task_vectors)
-    lam = jnp.full((prob.n_tasks,), config.lam, jnp.float32)
-    mesh = _sharding.make_merge_mesh()
-    opt, step = _concrete_ta_step(objective, prob.layout, config.mask_lr, config.temperature,
-                                  config.clamp, mesh)
-    logits = prob.init_logits(config.init_logit)
-    state = _sharding.replicate((logits, opt.init(logits)), mesh)
-    const = _sharding.replicate((prob.base, prob.tau, lam, prob.others), mesh)
+    state, step = _concrete_ta_setup(prob, objective, config, mesh)
     key = jax.random.PRNGKey(config.seed)
-    (logits, _), hist = _loop(step, state, const, get_batch, config.steps, batches_per_step=1,
-                              offset=0, key=jax.random.fold_in(key, 0), mesh=mesh,
-                              desc="concrete-ta", progress=config.progress)
+    state, hist = _drive(state, step, get_batch, config.steps, key=jax.random.fold_in(key, 0),
+                         mesh=mesh, desc="concrete-ta", progress=config.progress)
+    logits, lam = state.params, state.aux["lam"]
     mask = _final_mask(logits, config, jax.random.fold_in(key, 1))
     params = prob.assemble(merge_float(prob.base, prob.tau, lam, mask, clamp=config.clamp),
                            cast=True)
@@ -467,7 +583,8 @@ def concrete_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
 
 def concrete_adamerging(base: PyTree, task_vectors: Sequence[PyTree], objective: Objective,
                         get_batch: Callable[[int], Any],
-                        config: ConcreteConfig = ConcreteConfig()) -> MergeResult:
+                        config: ConcreteConfig = ConcreteConfig(), *,
+                        mesh: Mesh | None = None) -> MergeResult:
     """Concrete AdaMerging (Tang et al. 2023, arXiv:2312.06173), task- or layer-wise
     (``config.granularity``).
 
@@ -479,29 +596,29 @@ def concrete_adamerging(base: PyTree, task_vectors: Sequence[PyTree], objective:
     Phase B (``tta_steps``): freeze the logits, draw ONE relaxed mask (t = ``temperature``),
     reset lam to lam_0 and run AdaMerging (lr ``tta_lr``) inside it. The output is merged with
     that phase-B mask and the learned lam (what the official code reports). ``history``:
-    ``"meta"`` (outer loss) and ``"tta"``.
+    ``"meta"`` (outer loss) and ``"tta"``. ``mesh``: as :func:`concrete_task_arithmetic`.
     """
+    mesh = _check_mesh(mesh)
     prob = MergeProblem(base, task_vectors)
-    lam0 = jnp.full(prob.coeff_shape(config.granularity), config.lam, jnp.float32)
-    mesh = _sharding.make_merge_mesh()
-    clamp, t = config.clamp, config.temperature
-    inner, outer, step = _concrete_meta_step(objective, prob.layout, config.inner_lr,
-                                             config.mask_lr, t, clamp, config.variant, mesh)
-    logits = prob.init_logits(config.init_logit)
-    state = _sharding.replicate((logits, outer.init(logits), inner.init(lam0)), mesh)
-    const = _sharding.replicate((prob.base, prob.tau, lam0, prob.others), mesh)
+    state, step = _concrete_meta_setup(prob, objective, config, mesh)
     key = jax.random.PRNGKey(config.seed)
-    (logits, _, _), meta_hist = _loop(
-        step, state, const, get_batch, config.meta_steps, batches_per_step=2, offset=0,
-        key=jax.random.fold_in(key, 0), mesh=mesh,
-        desc=f"concrete-am-{config.granularity} meta", progress=config.progress)
-    mask = rescale_mask(sample_mask(jax.random.fold_in(key, 1), logits, t))
-    coeffs, tta_hist = _adamerging_phase(
-        prob, objective, get_batch, granularity=config.granularity, init=config.lam,
-        lr=config.tta_lr, steps=config.tta_steps, clamp=clamp, mask=mask,
-        offset=2 * config.meta_steps, mesh=mesh, progress=config.progress,
-        desc=f"concrete-am-{config.granularity} tta")
-    params = prob.assemble(merge_float(prob.base, prob.tau, coeffs, mask, clamp=clamp),
+    meta_batch = lambda s: (get_batch(2 * s), get_batch(2 * s + 1))  # noqa: E731
+    state, meta_hist = _drive(state, step, meta_batch, config.meta_steps,
+                              key=jax.random.fold_in(key, 0), mesh=mesh,
+                              desc=f"concrete-am-{config.granularity} meta",
+                              progress=config.progress)
+    logits = state.params
+    mask = rescale_mask(sample_mask(jax.random.fold_in(key, 1), logits, config.temperature))
+    tta_state, tta_step = _adamerging_setup(
+        prob, objective, granularity=config.granularity, init=config.lam, lr=config.tta_lr,
+        clamp=config.clamp, mask=mask, mesh=mesh)
+    offset = 2 * config.meta_steps
+    tta_state, tta_hist = _drive(tta_state, tta_step, lambda s: get_batch(offset + s),
+                                 config.tta_steps, key=jax.random.PRNGKey(0), mesh=mesh,
+                                 desc=f"concrete-am-{config.granularity} tta",
+                                 progress=config.progress)
+    coeffs = tta_state.params
+    params = prob.assemble(merge_float(prob.base, prob.tau, coeffs, mask, clamp=config.clamp),
                            cast=True)
     return MergeResult(params, coeffs, prob.to_dict(logits), prob.to_dict(mask),
                        {"meta": meta_hist, "tta": tta_hist})

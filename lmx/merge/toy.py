@@ -29,6 +29,7 @@ import optax
 
 from lmx.merge import methods as M
 from lmx.merge.learned import entropy
+from lmx.train import TrainState, scan_steps
 
 _PERM = np.random.default_rng(12345).permutation(64)
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -97,17 +98,18 @@ def _head(h, x):
 
 
 def _adam_fit(loss, params, lr, steps, key, n, batch):
-    # Adam on minibatches of ``batch`` random rows out of ``n``; ``loss(params, idx)``.
+    # Adam on minibatches of ``batch`` random rows out of ``n`` (drawn from each step's key):
+    # the ``lmx.train`` step protocol, scanned inside the caller's jit; ``loss(params, idx)``.
     opt = optax.adam(lr)
 
-    def body(carry, k):
-        p, s = carry
-        g = jax.grad(loss)(p, jax.random.randint(k, (min(batch, n),), 0, n))
-        u, s = opt.update(g, s, p)
-        return (optax.apply_updates(p, u), s), None
+    def step(state, _, k):
+        g = jax.grad(loss)(state.params, jax.random.randint(k, (min(batch, n),), 0, n))
+        u, opt_state = opt.update(g, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, u), opt_state=opt_state), {}
 
-    (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(key, steps))
-    return params
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+    state, _ = scan_steps(step, state, jax.random.split(key, steps))
+    return state.params
 
 
 @functools.partial(jax.jit, static_argnames=("hidden", "steps", "batch"))
@@ -163,18 +165,23 @@ def _unstack(tree, i):
     return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
-def entropy_objective(params, batch) -> jax.Array:
-    """AdaMerging entropy surrogate for a :meth:`ToyTasks.batches` batch (frozen heads travel in
-    the batch, so one module-level objective serves every seed and its jitted step is reused)."""
-    return sum(jnp.mean(entropy(_head(_unstack(batch["heads"], k), backbone(params, x))))
-               for k, x in enumerate(batch["x"]))
+def entropy_objective(heads) -> Callable:
+    """AdaMerging entropy surrogate ``objective(params, batch)`` for :meth:`ToyTasks.batches`
+    batches, with the frozen per-task ``heads`` (stacked ``[K, ...]``) as constants of the program
+    (they are 10-way heads: a few KB)."""
+    def objective(params, batch) -> jax.Array:
+        return sum(jnp.mean(entropy(_head(_unstack(heads, k), backbone(params, x))))
+                   for k, x in enumerate(batch["x"]))
+    return objective
 
 
-def cross_entropy_objective(params, batch) -> jax.Array:
+def cross_entropy_objective(heads) -> Callable:
     """Supervised surrogate (labelled held-out data instead of the papers' test-input entropy):
-    sum_k mean CE on a labelled :meth:`ToyTasks.batches`."""
-    return sum(_xent(_head(_unstack(batch["heads"], k), backbone(params, x)), y)
-               for k, (x, y) in enumerate(zip(batch["x"], batch["y"])))
+    sum_k mean CE on a labelled :meth:`ToyTasks.batches` batch, with the frozen ``heads``."""
+    def objective(params, batch) -> jax.Array:
+        return sum(_xent(_head(_unstack(heads, k), backbone(params, x)), y)
+                   for k, (x, y) in enumerate(zip(batch["x"], batch["y"])))
+    return objective
 
 
 class ToyTasks:
@@ -219,6 +226,17 @@ class ToyTasks:
                                     self.y["finetune"], c.finetune_steps, c.finetune_lr,
                                     c.train_batch) if c.multitask else None
 
+    @functools.cached_property
+    def entropy_objective(self) -> Callable:
+        """:func:`entropy_objective` with this seed's heads (one object per instance, so the
+        learned merges' compiled steps are reused across methods)."""
+        return entropy_objective(self.heads)
+
+    @functools.cached_property
+    def cross_entropy_objective(self) -> Callable:
+        """:func:`cross_entropy_objective` with this seed's heads."""
+        return cross_entropy_objective(self.heads)
+
     @property
     def n_tasks(self) -> int:
         return len(self.tasks)
@@ -237,10 +255,10 @@ class ToyTasks:
 
     def batches(self, split: str = "heldout", *, labels: bool = False, seed: int = 0
                 ) -> Callable[[int], dict]:
-        """``get_batch(step)`` -> ``{"heads", "x": [K x [b, 64]], ("y")}``: per task
+        """``get_batch(step)`` -> ``{"x": [K x [b, 64]], ("y")}``: per task
         ``batch_per_task`` inputs (labels when ``labels``) from a shuffled, cycled pass over
-        ``split``; deterministic in ``step``. For :func:`entropy_objective` (unlabeled) and
-        :func:`cross_entropy_objective` (labelled)."""
+        ``split``; deterministic in ``step``. For :attr:`entropy_objective` (unlabeled) and
+        :attr:`cross_entropy_objective` (labelled)."""
         x, y = np.asarray(self.x[split]), np.asarray(self.y[split])
         n, b = x.shape[1], self.config.batch_per_task
         per_epoch = n // b
@@ -249,7 +267,7 @@ class ToyTasks:
             epoch, pos = divmod(step, per_epoch)
             idx = [np.random.default_rng((seed, k, epoch)).permutation(n)[pos * b:(pos + 1) * b]
                    for k in range(x.shape[0])]
-            out = {"heads": self.heads, "x": [x[k, i] for k, i in enumerate(idx)]}
+            out = {"x": [x[k, i] for k, i in enumerate(idx)]}
             if labels:
                 out["y"] = [y[k, i] for k, i in enumerate(idx)]
             return out

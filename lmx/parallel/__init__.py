@@ -37,6 +37,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
     "qkv": "tensor",
     "mlp": "tensor",
     "layers": None,
+    # arrays with no model-specific names (merge masks, task vectors): one dimension split FSDP-style
+    "shard": "fsdp",
 }
 
 

@@ -23,6 +23,7 @@ advanced). A user's own loop::
         batch = shard_batch(split_micro(get_batch(s), 1), mesh, batch_axis=1)
         state, metrics = step(state, batch, jax.random.fold_in(key, s))
 
+Inside a compiled program, :func:`scan_steps` runs a pure step function under ``lax.scan``.
 The driver :func:`run` ``(state, step, get_batch, RunConfig(...), *, mesh, hooks=())`` does
 the same with: placement of ``state`` on its ``shardings``, per-process input
 (:func:`lmx.parallel.shard_batch`: in a multi-process run each process's ``get_batch`` returns
@@ -288,6 +289,23 @@ class Step:
         self._check(state)
         new, metrics = self._jit(state.replace(aux=None), state.aux, batch, key)
         return new.replace(aux=state.aux), metrics
+
+
+def scan_steps(fn: StepFn, state: TrainState, keys: jax.Array, batches: Any = None
+               ) -> tuple[TrainState, dict]:
+    """Run the pure step ``fn`` once per key inside one ``lax.scan`` (traceable: call it under
+    ``jax.jit`` / ``jax.vmap``); ``batches`` (optional) carries one leading entry per key.
+
+    Returns the final state (``step`` advanced by ``len(keys)``) and the stacked metrics. This is
+    :func:`run` without host round trips, checkpoints, hooks or logging, for small problems whose
+    step is cheaper than a dispatch (toy fits of a few thousand steps).
+    """
+    def body(st, xs):
+        key, batch = xs
+        new, metrics = fn(st, batch, key)
+        return new.replace(step=st.step + 1), metrics
+
+    return jax.lax.scan(body, state, (keys, batches))
 
 
 def shardings_of(state: Any) -> Any:
@@ -560,6 +578,6 @@ def train(model: nnx.Module, loss_fn: LossFn, get_batch: Callable[[int], Any], c
 
 
 __all__ = ["TrainState", "RunConfig", "RunResult", "Step", "StepFn", "Hook", "compile_step", "run",
-           "shardings_of", "place_state", "follow_params", "TrainConfig", "TrainResult", "LossFn", "train", "init_state",
+           "scan_steps", "shardings_of", "place_state", "follow_params", "TrainConfig", "TrainResult", "LossFn", "train", "init_state",
            "split_micro", "causal_lm_loss", "make_optimizer", "make_schedule", "make_train_step",
            "accumulate_grads"]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import lmx.merge as LM
-from lmx.merge import _sharding, learned as L
+from lmx.merge import learned as L
+from lmx.parallel import make_mesh, shard_batch, single_device_mesh
 
 K, D, H, C, B = 3, 6, 5, 4, 16
 
@@ -157,12 +158,72 @@ def test_concrete_adamerging_runs_both_phases(variant, gran):
     assert not np.allclose(r.coeffs, 0.3)
 
 
-def test_learned_loop_runs_on_a_data_sharded_mesh():
-    mesh = _sharding.make_merge_mesh()
-    assert mesh.shape["data"] == jax.device_count() == 8  # tests/conftest.py: 8 host devices
-    batch = _sharding.shard_batch([np.zeros((16, 3)), np.zeros((5, 3))], mesh)
-    assert len(batch[0].sharding.device_set) == 8
-    assert "data" in batch[0].sharding.spec[0] and batch[1].sharding.is_fully_replicated
+def _setup_divisible(seed=1):
+    # widths that divide fsdp=4, so every float tensor has a dimension to split
+    r = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(r.normal(size=s) * 0.5, jnp.float32)
+    base = {"l1": {"w": f(8, 8), "b": f(8)}, "l2": {"w": f(8, 4)}}
+    fts = [jax.tree_util.tree_map(lambda a: a + f(*a.shape), base) for _ in range(K)]
+    heads = [f(4, 4) * 2 for _ in range(K)]
+    xs = f(K, 64, 8)
+
+    def apply(params, k, x):
+        return _mlp(params, x) @ heads[k]
+
+    def get_batch(step):
+        i = (step * B) % 64
+        return [np.asarray(xs[k, i:i + B]) for k in range(K)]
+
+    return base, LM.task_vectors(base, fts), L.entropy_objective(apply), get_batch
+
+
+def test_merge_state_is_split_over_fsdp_and_an_indivisible_batch_raises():
+    base, tvs, obj, get_batch = _setup_divisible()
+    mesh = make_mesh(data=2, fsdp=4)
+    state, _ = LM.make_concrete_ta_step(base, tvs, obj, mesh=mesh)
+    names = LM.float_leaf_names(base)  # l1.b [8], l1.w [8, 8], l2.w [8, 4]
+    for i, n in enumerate(names):
+        assert state.params[i].sharding.spec[0] == "fsdp", n
+        assert state.aux["base"][i].sharding.spec[0] == "fsdp", n
+        assert state.aux["tau"][i].sharding.spec[:2] == (None, "fsdp"), n
+        assert state.opt_state[0].mu[i].sharding == state.params[i].sharding, n
+    assert state.aux["lam"].sharding.is_fully_replicated
+    ada, _ = LM.make_adamerging_step(base, tvs, obj, mesh=mesh)
+    assert ada.params.sharding.is_fully_replicated and ada.aux["tau"][1].sharding.spec[:2] == (None, "fsdp")
+    # 5 rows per task cannot be split over data x fsdp = 8: an error, not silent replication
+    with pytest.raises(ValueError, match=r"shape \(5, 8\) cannot be split 8 ways"):
+        LM.adamerging(base, tvs, obj, lambda s: [x[:5] for x in get_batch(s)],
+                      LM.AdaMergingConfig(steps=1, progress=False), mesh=mesh)
+
+
+@pytest.mark.parametrize("method", ["adamerging", "concrete_ta", "concrete_am"])
+def test_steps_on_8_devices_equal_one_device(method):
+    """The same steps (users' own loop) on one device and on data 2 x fsdp 4: same losses and
+    updated state (mask logits, coefficients, inner Adam state) to f32 round-off."""
+    base, tvs, obj, get_batch = _setup_divisible()
+    cfg = LM.ConcreteConfig(mask_lr=0.05, inner_lr=0.5, granularity="layer")
+    out = {}
+    for name, mesh in (("one", single_device_mesh()), ("eight", make_mesh(data=2, fsdp=4))):
+        if method == "adamerging":
+            state, step = LM.make_adamerging_step(base, tvs, obj, LM.AdaMergingConfig(lr=0.05), mesh=mesh)
+        elif method == "concrete_ta":
+            state, step = LM.make_concrete_ta_step(base, tvs, obj, cfg, mesh=mesh)
+        else:
+            state, step = LM.make_concrete_am_step(base, tvs, obj, cfg, mesh=mesh)
+        losses = []
+        for s in range(3):
+            batch = (get_batch(2 * s), get_batch(2 * s + 1)) if method == "concrete_am" else get_batch(s)
+            state, m = step(state, shard_batch(batch, mesh), jax.random.PRNGKey(s))
+            losses.append(float(m["loss"]))
+        out[name] = (losses, jax.tree.map(np.asarray, (state.params, state.opt_state, state.extra)))
+    (l1, s1), (l8, s8) = out["one"], out["eight"]
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s1[0]), jax.tree.leaves(
+        jax.tree.map(np.asarray, (LM.make_adamerging_step(base, tvs, obj)[0] if method == "adamerging"
+                                  else LM.make_concrete_ta_step(base, tvs, obj, cfg)[0]).params))))
+    assert moved > 1e-3  # the steps did move the trained state
 
 
 def test_bad_configs_raise():

@@ -33,7 +33,7 @@ def test_toy_orderings_and_supervised_adamerging(tasks):
 
     # supervised surrogate: the objective falls and accuracy does not drop below the TA start
     sup = tt.batches(labels=True)
-    r = LM.adamerging(tt.base, tvs, toy.cross_entropy_objective, sup,
+    r = LM.adamerging(tt.base, tvs, tt.cross_entropy_objective, sup,
                       LM.AdaMergingConfig(steps=40, lr=1e-2, progress=False))
     h = r.history["adamerging"]
     assert h[-10:].mean() < h[:10].mean()
