@@ -5,6 +5,7 @@ hub datasets' schemas (chat ``messages`` as SmolTalk, ``text`` as WikiText), str
 and trains a distillation step on them. Only the hub download itself is not exercised."""
 import csv
 import json
+import pathlib
 import re
 
 import datasets
@@ -19,6 +20,8 @@ from lmx.kd.trainer import DistillConfig, distill, init_student
 from lmx.models import ModelConfig, Transformer
 from lmx.train import TrainConfig
 
+PRESETS = json.loads((pathlib.Path(__file__).parents[3] / "configs" / "bench" /
+                      "kd.json").read_text())
 QUICK = {"n_texts": 200, "eval_offset": 20000, "seq_len": 32, "n_train_rows": 24,
          "n_eval_rows": 8}
 
@@ -71,9 +74,12 @@ def test_chat_corpus_from_local_files_trains_a_distill_step(tmp_path, tok, cache
         datasets.Dataset.from_dict({"messages": _chats(n, off)}).to_parquet(
             str(tmp_path / f"{split}.parquet"))
     files = {"train": [str(tmp_path / "train.parquet")], "test": [str(tmp_path / "test.parquet")]}
+    # the hub preset's dataset config, with local files in place of the hub id
+    hub = PRESETS["smoltalk"]["quality"]["dataset"]
+    assert hub["path"] == "HuggingFaceTB/smoltalk" and hub["streaming"]
+    local = {k: v for k, v in hub.items() if k not in ("path", "name")}
     cfg = dict(QUICK, n_texts=30, seq_len=24, n_train_rows=8, n_eval_rows=4,
-               dataset={"data_files": files, "split": "train", "eval_split": "test",
-                        "streaming": True})
+               dataset=dict(local, data_files=files))
     train, held = suite.load_study_rows(tok, cfg)
     ids = [t for c in _chats(30) for t in tok(tok.apply_chat_template(c, tokenize=False),
                                               add_special_tokens=False)["input_ids"]
