@@ -419,6 +419,7 @@ def _child(spec, work, out_w, res_w, nonce_r, cg_fd, extra_fds=()):
     limits, uid, no-new-privs and the filter, then run the driver (or exec bubblewrap)."""
     mode = spec["mode"]
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the supervisor's handler is not ours
         os.setpgid(0, 0)
         if cg_fd is not None:
             os.write(cg_fd, b"0")  # this process (and all it forks) joins the sample's cgroup
@@ -577,6 +578,10 @@ def _reap_all():
         time.sleep(0.005)
 
 
+def _orphaned(signum, frame):
+    raise SystemExit("the launcher died")
+
+
 def run_one(spec):
     """Supervise one sample (in a process forked per sample) and return the report dict."""
     t0 = time.monotonic()
@@ -721,17 +726,28 @@ def main():
                 sys.stdout.buffer.write(data.encode())
                 sys.stdout.buffer.flush()
                 continue
+        launcher = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                # The launcher's death (the evaluator killed) reaches this supervisor as SIGTERM,
+                # raised here as an exception, so run_one still kills the sample's whole cgroup:
+                # a process of the sample may not have armed its own death signal yet (bwrap's
+                # inner process, mid-setup, then waits for its dead parent forever).
+                signal.signal(signal.SIGTERM, _orphaned)
+                _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+                if os.getppid() != launcher:
+                    raise SystemExit("the launcher died before the death signal was armed")
                 report = run_one(spec)
             except BaseException as e:  # noqa: BLE001 - reported to the evaluator, never hidden
                 report, code = {"launcher_error": repr(e)}, 1
             data = (json.dumps(report) + "\n").encode()
-            while data:
-                data = data[os.write(1, data):]
+            try:
+                while data:
+                    data = data[os.write(1, data):]
+            except OSError:
+                code = 1  # nobody reads any more (the launcher died)
             os._exit(code)
         os.waitpid(pid, 0)
 

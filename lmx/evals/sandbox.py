@@ -68,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable
@@ -373,14 +374,24 @@ def _memory_cgroup() -> dict | None:
 
 
 def _sweep_cgroups(cgroup: dict) -> None:
-    """Remove per-sample cgroups left by supervisors that were killed (their pid is gone)."""
+    """Kill what is left in per-sample cgroups whose supervisor is gone (killed outright), and
+    remove them."""
     for path in glob.glob(os.path.join(cgroup["parent"], "lmx-sbx-*-*")):
         pid = os.path.basename(path).split("-")[2]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass  # still holds processes: the next sweep retries
+            for _ in range(100):
+                try:
+                    os.rmdir(path)
+                    break
+                except OSError:
+                    pass
+                try:
+                    with open(os.path.join(path, "cgroup.procs")) as f:
+                        for left in f.read().split():
+                            os.kill(int(left), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.01)
 
 
 def _parse_result(text: str, nonce: str, n_tests: int) -> dict | None:

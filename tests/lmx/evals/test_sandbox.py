@@ -7,11 +7,13 @@ run with the driver's audit hook OFF (``python_guard=False``), so the kernel lay
 what is tested there; guard mode always has the hook (it is part of that mode). The outcome of
 each program in each mode is listed in ``docs/evals.md``.
 """
+import glob
 import json
 import os
 import pathlib
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -591,6 +593,40 @@ def test_h22_dev_and_dev_shm_cannot_fill_memory(sb):
             "assert wrote <= 2, wrote\n")
     r = sb.run(Job(prog, ("assert True",)))
     assert r.passed, r
+
+
+@pytest.mark.parametrize("mode", KERNEL_MODES)
+def test_evaluator_death_mid_sample_leaves_nothing(mode):
+    """The launcher killed mid-sample (as when the evaluator is killed): its supervisor still
+    kills the sample's cgroup and removes it, before any later sweep."""
+    sb = _make(mode, timeout=20.0, kill_grace=1.0)
+    if not sb.mechanism.endswith("-memory"):
+        sb.close()
+        pytest.skip("no per-sample cgroup here (not root, no delegated cgroup v2)")
+    parent = sandbox_mod._memory_cgroup()["parent"]
+    before = set(glob.glob(os.path.join(parent, "lmx-sbx-*")))
+    box = []
+    runner = threading.Thread(target=lambda: box.append(
+        sb.run(Job("import time\ntime.sleep(15)\n", ("assert True",)))))
+    runner.start()
+    try:
+        end, mine = time.monotonic() + 15, []
+        while time.monotonic() < end and not mine:
+            mine = [d for d in set(glob.glob(os.path.join(parent, "lmx-sbx-*"))) - before
+                    if pathlib.Path(d, "cgroup.procs").read_text().split()]
+            time.sleep(0.05)
+        assert mine, "the sample's cgroup never held a process"
+        time.sleep(0.5)  # the program is past its set-up, sleeping
+        for pid in sb.launcher_pids:
+            os.kill(pid, signal.SIGKILL)
+        runner.join(30)
+        assert box and box[0].status == "sandbox error", box
+        end = time.monotonic() + 5
+        while time.monotonic() < end and any(os.path.exists(d) for d in mine):
+            time.sleep(0.05)
+        assert not any(os.path.exists(d) for d in mine), mine
+    finally:
+        sb.close()
 
 
 # -- configuration, interpreters, bad input ------------------------------------------------------
