@@ -397,6 +397,19 @@ class _Stream:
         return self.items[i]
 
 
+def _process_block(stack: GraphBatch) -> GraphBatch:
+    """This process's contiguous block of a stacked batch (all of it on one process): in a
+    multi-process run every process builds the same stack and feeds only its own rows."""
+    pc, pi = jax.process_count(), jax.process_index()
+    if pc == 1:
+        return stack
+    n = stack.graph_mask.shape[0]
+    if n % pc:
+        raise ValueError(f"a stack of {n} padded batches does not split over {pc} processes")
+    k = n // pc
+    return jax.tree.map(lambda x: x[pi * k:(pi + 1) * k], stack)
+
+
 def _ckpt_manager(path):
     import orbax.checkpoint as ocp
 
@@ -439,7 +452,7 @@ def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConf
 
         it = tqdm(it, desc="fit", initial=start, total=cfg.steps)
     for step in it:
-        batch = gt.shard(stream.get(step))
+        batch = gt.shard(_process_block(stream.get(step)))
         key = jax.random.fold_in(base_key, step)
         if gt.is_event(step):
             state = gt.prune(state, batch, key)
