@@ -1,4 +1,4 @@
-"""Distillation of a causal-LM teacher into a smaller student on ``lmx.train.train``.
+"""Distillation of a causal-LM teacher into a smaller student on the ``lmx.train`` step protocol.
 
 Off- and on-policy data as in GKD (arXiv:2306.13649), ATKD (arXiv:2402.11890) losses. The teacher
 runs outside the compiled training step: its final hidden states for every training row are
@@ -7,19 +7,20 @@ in the batch; its output projection rides along inside the trained module as a f
 (the optimizer sets its update to zero), so the step never embeds the teacher as a constant. The
 loss is :func:`lmx.kd.fused_linear_kd_loss` with ``reduction="sum"``, so the shared loop divides by
 the global number of scored tokens (gradient accumulation and data parallelism safe).
+:func:`make_distill_step` gives the step for a user's own loop; :func:`distill` drives it.
 
 Data sources:
 - ``"off_policy"``: dataset text, every token after the first scored (supervised KD).
 - ``"on_policy"``: the first ``prompt_len`` tokens of a dataset row are continued by the current
   student (``lmx.models.generate``, sampling temperature separate from the loss temperature);
   only the sampled tokens are scored (GKD / ImitKD style). Sampling happens every
-  ``refresh_every`` steps; between rounds training resumes from the run's checkpoint.
+  ``refresh_every`` steps, by a hook of the ``lmx.train.run`` driver that hands the round's
+  batches to ``get_batch`` (one run; no restarts between rounds).
 - ``"mixed"``: each step is on-policy with probability ``on_policy_fraction`` (GKD ``lmbda``).
 """
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from typing import Any
 
 import jax
@@ -32,8 +33,9 @@ from lmx.kd.atkd import ATKDConfig
 from lmx.kd.divergences import KDConfig
 from lmx.kd.fused import IMPLS, fused_linear_kd_loss
 from lmx.models import Transformer, generate
+from lmx.parallel import single_device_mesh
 from lmx.train import (Step, TrainConfig, TrainState, init_state, make_optimizer, make_schedule,
-                       make_train_step, train)
+                       make_train_step, run, split_micro)
 
 SOURCES = ("off_policy", "on_policy", "mixed")
 
@@ -127,8 +129,9 @@ class DistillConfig:
 
     Attributes:
       loss: :class:`KDConfig` or :class:`ATKDConfig`.
-      train: the shared loop's :class:`lmx.train.TrainConfig` (``ckpt_dir`` optional; on-policy
-        runs use a temporary one when it is None).
+      train: the optimizer and driver settings, :class:`lmx.train.TrainConfig` (``ckpt_dir``
+        optional: with one, a run resumes from its latest checkpoint; an on-policy round resumed
+        in the middle is sampled from the resumed student).
       batch_size: rows per optimizer step (split into ``train.accum_steps`` micro-batches).
       source: ``"off_policy"``, ``"on_policy"`` or ``"mixed"``.
       on_policy_fraction: probability that a step is on-policy with ``"mixed"``.
@@ -184,18 +187,7 @@ def make_loss_fn(cfg: DistillConfig):
     return loss_fn
 
 
-def make_distill_step(student: Transformer, teacher: Transformer, cfg: DistillConfig, *,
-                      mesh=None) -> tuple[Any, TrainState, Step]:
-    """``(graphdef, state, step)`` of off-policy distillation for a user's own loop (``distill``
-    drives the same step through ``lmx.train.run``).
-
-    ``state`` holds the :class:`KDStudent` (student + the teacher's frozen head) placed on
-    ``mesh`` by logical axes (FSDP params and Adam moments); ``step(state, batch[accum, micro,
-    ...], key) -> (state, metrics)`` with ``batch = tokens, mask, labels [.., B, T]`` and
-    ``teacher_hidden [.., B, T, H_t]`` (:func:`teacher_hidden_states`), placed by
-    ``lmx.parallel.shard_batch(lmx.train.split_micro(rows, accum), mesh, batch_axis=1)``. The
-    trained student is ``nnx.merge(graphdef, state.params, state.aux).student``.
-    """
+def _distill_parts(student: Transformer, teacher: Transformer, cfg: DistillConfig, mesh):
     if student.cfg.vocab_size != teacher.cfg.vocab_size:
         raise ValueError(f"student vocab {student.cfg.vocab_size} != teacher vocab "
                          f"{teacher.cfg.vocab_size}: they must share the tokenizer")
@@ -204,6 +196,22 @@ def make_distill_step(student: Transformer, teacher: Transformer, cfg: DistillCo
     graphdef, state, shardings = init_state(model, tx, mesh=mesh)
     step = make_train_step(graphdef, make_loss_fn(cfg), tx, shardings=shardings,
                            donate=cfg.train.donate, schedule=make_schedule(cfg.train))
+    return model, graphdef, state, step
+
+
+def make_distill_step(student: Transformer, teacher: Transformer, cfg: DistillConfig, *,
+                      mesh=None) -> tuple[Any, TrainState, Step]:
+    """``(graphdef, state, step)`` of distillation for a user's own loop (:func:`distill` drives
+    the same step through ``lmx.train.run``).
+
+    ``state`` holds the :class:`KDStudent` (student + the teacher's frozen head) placed on
+    ``mesh`` by logical axes (FSDP params and Adam moments); ``step(state, batch[accum, micro,
+    ...], key) -> (state, metrics)`` with ``batch = tokens, mask, labels [.., B, T]`` and
+    ``teacher_hidden [.., B, T, H_t]`` (:func:`teacher_hidden_states`), placed by
+    ``lmx.parallel.shard_batch(lmx.train.split_micro(rows, accum), mesh, batch_axis=1)``. The
+    trained student is ``nnx.merge(graphdef, state.params, state.aux).student``.
+    """
+    _, graphdef, state, step = _distill_parts(student, teacher, cfg, mesh)
     return graphdef, state, step
 
 
@@ -276,9 +284,7 @@ def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg:
             teacher, tokens)
     else:
         hidden = teacher_hidden
-    model = KDStudent(student, teacher.output_embedding())
-    tx = _frozen_optimizer(tc, model)
-    loss_fn = make_loss_fn(cfg)
+    model, graphdef, state, step = _distill_parts(student, teacher, cfg, mesh)
     full = np.ones(tokens.shape[1], bool)
 
     def off_policy_batch(step):
@@ -288,29 +294,28 @@ def distill(student: Transformer, teacher: Transformer, tokens: np.ndarray, cfg:
         return {"tokens": x, "mask": np.broadcast_to(full, x.shape).copy(), "labels": x.copy(),
                 "teacher_hidden": h}
 
-    if cfg.source == "off_policy" or not on_policy.any():
-        result = train(model, loss_fn, off_policy_batch, tc, mesh=mesh, tx=tx)
-        return DistillResult(student=result.model.student, losses=result.losses,
-                             history=result.history)
+    hooks, get_rows = (), off_policy_batch
+    if cfg.source != "off_policy" and on_policy.any():
+        rounds: dict[int, dict] = {}
 
-    own_dir = None
-    if tc.ckpt_dir is None:
-        own_dir = tempfile.TemporaryDirectory(prefix="lmx_kd_")
-        tc = dataclasses.replace(tc, ckpt_dir=own_dir.name)
-    try:
-        result, start = None, 0
-        while start < tc.steps:
-            stop = min(tc.steps, start + cfg.refresh_every)
-            segment = {s: (on_policy_batch(model.student, teacher, tokens[rows[s]], cfg, pad_id,
-                                           eos_id, seed=tc.seed * 100003 + s)
-                           if on_policy[s] else off_policy_batch(s)) for s in range(start, stop)}
-            seg_cfg = dataclasses.replace(tc, halt_after=stop - start)
-            result = train(model, loss_fn, segment.__getitem__, seg_cfg, mesh=mesh, tx=tx)
-            model, start = result.model, result.step
-        return DistillResult(student=model.student, losses=result.losses, history=result.history)
-    finally:
-        if own_dir is not None:
-            own_dir.cleanup()
+        def sample_round(s, state):
+            # an event every refresh_every steps (and on resume): the current student samples
+            # every on-policy row of the round; seeded by step, so a rerun draws the same
+            if s % cfg.refresh_every and s in rounds:
+                return None
+            current = nnx.merge(graphdef, state.params, state.aux).student
+            rounds.clear()
+            for t in range(s, min(tc.steps, s - s % cfg.refresh_every + cfg.refresh_every)):
+                rounds[t] = (on_policy_batch(current, teacher, tokens[rows[t]], cfg, pad_id, eos_id,
+                                             seed=tc.seed * 100003 + t)
+                             if on_policy[t] else off_policy_batch(t))
+            return None
+
+        hooks, get_rows = (sample_round,), rounds.__getitem__
+    result = run(state, step, lambda s: split_micro(get_rows(s), tc.accum_steps), tc.run_config("distill"),
+                 mesh=mesh or single_device_mesh(), hooks=hooks, batch_axis=1)
+    nnx.update(model, result.state.params)
+    return DistillResult(student=model.student, losses=result.losses, history=result.history)
 
 
 def on_policy_batch(student: Transformer, teacher: Transformer, rows: np.ndarray,
