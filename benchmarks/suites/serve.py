@@ -10,7 +10,10 @@ tokens; prompts differ per client). Measured per level, all in the same process 
   throughput of one client at a time (the ``c = 1`` level);
 * TTFT: request sent -> first content chunk (p50 / p95 over requests);
 * inter-token latency: gaps between consecutive content chunks of a stream (p50 / p95), and
-  per request (last chunk - first chunk) / (tokens - 1) (mean).
+  per request (last chunk - first chunk) / (tokens - 1) (mean);
+* CPU seconds the whole process (engine, HTTP server and the client threads) used during the
+  level, and completion tokens per CPU second: on a machine shared with other jobs the wall-clock
+  ratios move with the load, the CPU time much less.
 
 Continuous batching: Yu et al. 2022 (Orca, OSDI'22), iteration-level scheduling.
 """
@@ -79,19 +82,20 @@ def run_level(base_url: str, model: str, clients: int, rounds: int, max_tokens: 
                     results.append(out)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed at {clients} clients: {errors[:3]}")
     ttft = np.array([r["ttft_s"] for r in results])
     gaps = np.array([g for r in results for g in r["gaps_s"]])
     tokens = int(sum(r["tokens"] for r in results))
     return {"clients": clients, "requests": len(results), "completion_tokens": tokens,
-            "wall_s": wall, "tokens_per_s": tokens / wall,
+            "wall_s": wall, "tokens_per_s": tokens / wall, "process_cpu_s": cpu,
+            "tokens_per_cpu_s": tokens / cpu,
             "ttft_p50_s": float(np.percentile(ttft, 50)),
             "ttft_p95_s": float(np.percentile(ttft, 95)),
             "itl_p50_s": float(np.percentile(gaps, 50)),
@@ -144,7 +148,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                                 max_seq_len=config["max_seq_len"], n_slots=config["n_slots"],
                                 batch_buckets=config["batch_buckets"],
                                 span_buckets=config["span_buckets"],
-                                prompt_buckets=config["prompt_buckets"])
+                                prompt_buckets=config["prompt_buckets"],
+                                prefill_batch_buckets=config.get("prefill_batch_buckets"),
+                                prefill_tokens_per_step=config.get("prefill_tokens_per_step", 256))
     load_s = time.perf_counter() - t0
     rows = []
     with ChatServer(backend, model_name=config["model"]) as srv:
@@ -162,6 +168,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup_vs_1"] = r["tokens_per_s"] / base
+        r["cpu_efficiency_vs_1"] = r["tokens_per_cpu_s"] / rows[0]["tokens_per_cpu_s"]
     load_avg = os.getloadavg()[0]
     title = (f"{config['model']} on CPU ({os.cpu_count()} cores, load avg "
              f"{load_avg:.1f}), {config['max_tokens']} tokens/request, "

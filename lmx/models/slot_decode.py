@@ -1,12 +1,12 @@
-"""Slot-wise KV-cache kernels for continuous batching: per-request prefill and one decode step.
+"""Slot-wise KV-cache kernels for continuous batching: batched prefill and one decode step.
 
 A serving engine keeps one KV cache of ``n_slots`` rows (``[L, n_slots, S_max, Hkv, hd]``); each
 running request owns one row (a *slot*) and its tokens sit at columns ``0 .. len-1`` of it, so a
-row's position id equals its column. Requests join (``prefill_slot`` writes the prompt into a free
-row) and leave (the row is simply reused) between decode steps; ``decode_slots`` advances every
+row's position id equals its column. Requests join (``prefill_slots`` writes prompts into free
+rows) and leave (the row is simply reused) between decode steps; ``decode_slots`` advances every
 row of the first ``batch`` slots by one token, attending to the first ``span`` columns only. Only
-``batch``, ``span`` and the prompt bucket ``T`` are shapes (static); everything that varies per
-request -- temperature, top-k, top-p, PRNG key, token index -- is an array, so a warmed-up engine
+``batch``, ``span`` and the prompt shape ``[P, T]`` are shapes (static); everything that varies
+per request -- temperature, top-k, top-p, PRNG key, token index -- is an array, so a warmed-up engine
 never recompiles whatever the request mix (continuous batching as in Yu et al. 2022, Orca,
 OSDI'22, "iteration-level scheduling"; slot-wise KV memory as in Kwon et al. 2023, vLLM,
 arXiv:2309.06180, Sec. 4, here with one contiguous block per request).
@@ -113,21 +113,24 @@ def init_slot_cache(model: Transformer, n_slots: int, max_len: int):
     return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
 
 
-def prefill_slot(model: Transformer, cache_k, cache_v, tokens, length, slot, sampling, want_lp):
-    """Write one right-padded prompt into cache row ``slot`` and sample its first reply token.
+def prefill_slots(model: Transformer, cache_k, cache_v, tokens, lengths, slots, sampling,
+                  want_lp):
+    """Write ``P`` right-padded prompts into cache rows ``slots`` and sample each one's first token.
 
-    tokens int32 [1, T] (real ids in ``[:length]``); length, slot int32 scalars; ``sampling`` =
-    (temperature, top_k, top_p, keys, streams, counters), each with a leading axis of 1.
-    Returns (cache_k, cache_v, token [1], logprob [1], top ids [1, 20], top log-probs [1, 20]).
+    One call prefills several joining requests at once (one ``[P, T]`` forward instead of ``P``
+    calls that each stream every weight matrix for ``T`` rows). tokens int32 [P, T] (row ``i``
+    real in ``[:lengths[i]]``); lengths, slots int32 [P] (distinct slots); ``sampling`` =
+    (temperature, top_k, top_p, keys, streams, counters), each with a leading axis of P.
+    Returns (cache_k, cache_v, tokens [P], logprob [P], top ids [P, 20], top log-probs [P, 20]).
     """
-    T = tokens.shape[1]
-    cols = jnp.arange(T, dtype=jnp.int32)[None]
-    h, (k, v) = model.forward(tokens, cols < length, cols, collect_kv=True)
-    z = jnp.zeros((), jnp.int32)
-    idx = (z, slot.astype(jnp.int32), z, z, z)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), idx)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), idx)
-    last = jax.lax.dynamic_index_in_dim(h[0], length - 1, axis=0, keepdims=True)
+    P, T = tokens.shape
+    cols = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
+    h, (k, v) = model.forward(tokens, cols < lengths[:, None], cols, collect_kv=True)
+    # k, v [L, P, T, Hkv, hd] -> columns 0..T-1 of rows ``slots`` (a scatter, in place: the
+    # caches are donated)
+    cache_k = cache_k.at[:, slots, :T].set(k.astype(cache_k.dtype))
+    cache_v = cache_v.at[:, slots, :T].set(v.astype(cache_v.dtype))
+    last = h[jnp.arange(P), lengths - 1]
     logits = model.logits_from_hidden(last)
     tok = sample_rows(logits, *sampling)
     return (cache_k, cache_v, tok) + token_logprobs(logits, tok, want_lp)
@@ -183,7 +186,7 @@ def decode_slots(model: Transformer, cache_k, cache_v, tokens, positions, sampli
     tokens/positions int32 [batch]: the last sampled token of each row and its position (= the
     number of tokens already cached for that row); rows attend to cache columns ``< position``
     within the first ``span`` columns, and the new K/V go to column ``position``. Idle rows carry
-    position 0 and write column 0 of their own free row. Returns like :func:`prefill_slot`.
+    position 0 and write column 0 of their own free row. Returns like :func:`prefill_slots`.
     """
     logits, nk, nv = _decode_layers(model, tokens, positions, cache_k, cache_v, batch, span)
     rows = jnp.arange(batch, dtype=jnp.int32)

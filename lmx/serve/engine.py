@@ -3,10 +3,11 @@
 One thread owns the model. Each loop iteration it
 
 1. drops cancelled requests (their slot is free for the next join),
-2. admits queued requests into free slots: each prompt is prefilled alone, right-padded to a
-   power-of-two bucket, and its first token sampled (at most ``prefill_tokens_per_step`` prompt
-   tokens per iteration while other requests are decoding, so joins never stall running streams
-   for long),
+2. admits queued requests into free slots (at most ``prefill_tokens_per_step`` prompt tokens per
+   iteration, at least one request, so joins never stall running streams for long): prompts are
+   right-padded to a prompt bucket ``T`` and prefilled together, ``P`` prompts per call for ``P``
+   in the prefill batch buckets (``P * T`` within the same token budget), and each one's first
+   token is sampled,
 3. runs one decode step over the first ``batch`` slots (``batch`` = the smallest bucket holding
    every running slot; new requests get the lowest free slot) attending to ``span`` cache
    columns (the smallest bucket holding every running row),
@@ -14,7 +15,7 @@ One thread owns the model. Each loop iteration it
    (text that could be the start of a stop string is held back), ``max_tokens``; a finished
    request leaves its slot at once.
 
-Shapes depend only on (prompt bucket) and (batch bucket, span bucket), and every per-request
+Shapes depend only on (prefill batch, prompt bucket) and (batch bucket, span bucket), and every per-request
 setting (temperature, top-k, top-p, seed, token index, max_tokens, stop) is data, so after
 :meth:`Engine.warmup` no request mix compiles anything; :meth:`Engine.compile_count` and
 :func:`backend_compiles` let tests check that. Kernels: :mod:`lmx.models.slot_decode`.
@@ -332,7 +333,11 @@ class Engine:
       batch_buckets / span_buckets / prompt_buckets: the compiled shapes (defaults: powers of
         four from 1 / 128 / 32 up to ``n_slots`` / ``max_len`` / ``max_len``: at most 4x padding,
         few variants to compile). The largest prompt bucket (at most ``max_len``) bounds prompts.
-      prefill_tokens_per_step: prompt tokens admitted per iteration while requests are decoding.
+      prefill_tokens_per_step: prompt tokens admitted per loop iteration (at least one request).
+      prefill_batch_buckets: how many prompts one prefill call takes (default 1, 4, 16, ... up to
+        ``n_slots``; must hold 1); a prompt bucket ``T`` is compiled with the batch sizes ``P``
+        for which ``P * T <= prefill_tokens_per_step`` (always with 1). Joining requests are
+        split greedily into the largest such batches, never padded with empty rows.
       stop_token_ids: ids that end a reply (EOS, end-of-turn).
       decode: ``ids -> text`` (default ``tokenizer.decode(ids, skip_special_tokens=True)``).
     """
@@ -342,6 +347,7 @@ class Engine:
                  span_buckets: Sequence[int] | None = None,
                  prompt_buckets: Sequence[int] | None = None,
                  prefill_tokens_per_step: int = 256,
+                 prefill_batch_buckets: Sequence[int] | None = None,
                  stop_token_ids: Sequence[int] = (),
                  decode: Callable[[list[int]], str] | None = None):
         import jax
@@ -363,7 +369,20 @@ class Engine:
         self.prompt_buckets = self._buckets("prompt_buckets", prompt_buckets,
                                             _geometric_buckets(min(32, max_len), max_len), max_len,
                                             exact_top=False)
+        if isinstance(prefill_tokens_per_step, bool) or \
+                not isinstance(prefill_tokens_per_step, (int, np.integer)) or \
+                prefill_tokens_per_step < 1:
+            raise ValueError(f"prefill_tokens_per_step must be an int >= 1, got "
+                             f"{prefill_tokens_per_step!r}")
         self.prefill_tokens_per_step = int(prefill_tokens_per_step)
+        pb = self._buckets("prefill_batch_buckets", prefill_batch_buckets,
+                           _geometric_buckets(1, n_slots), n_slots, exact_top=False)
+        if pb[0] != 1:
+            raise ValueError(f"prefill_batch_buckets must hold 1, got {prefill_batch_buckets!r}")
+        #: prompt bucket T -> the prefill batch sizes compiled for it (ascending, starting at 1)
+        self.prefill_shapes = {
+            T: tuple(P for P in pb if P == 1 or P * T <= self.prefill_tokens_per_step)
+            for T in self.prompt_buckets}
         self.vocab_size = int(model.cfg.vocab_size)
         self.stop_ids = frozenset(int(i) for i in stop_token_ids)
         self.tokenizer = tokenizer
@@ -374,9 +393,9 @@ class Engine:
         graphdef, state = nnx.split(model)
         self._state = state
 
-        def prefill(state, ck, cv, tokens, length, slot, sampling, want):
-            return slot_decode.prefill_slot(nnx.merge(graphdef, state), ck, cv, tokens, length,
-                                            slot, sampling, want)
+        def prefill(state, ck, cv, tokens, lengths, slots, sampling, want):
+            return slot_decode.prefill_slots(nnx.merge(graphdef, state), ck, cv, tokens, lengths,
+                                             slots, sampling, want)
 
         def decode(state, ck, cv, tokens, positions, sampling, want, *, batch, span):
             return slot_decode.decode_slots(nnx.merge(graphdef, state), ck, cv, tokens, positions,
@@ -431,7 +450,8 @@ class Engine:
         return int(self._prefill._cache_size() + self._decode_step._cache_size())
 
     def warmup(self) -> int:
-        """Compile every (prompt bucket) and (batch bucket, span bucket) variant; returns the count.
+        """Compile every prefill (batch, prompt bucket) and decode (batch bucket, span bucket)
+        variant; returns the count.
 
         Runs on the caller's thread, between the loop's steps, and only while no request runs
         (it writes cache rows of idle slots); RuntimeError otherwise.
@@ -444,8 +464,11 @@ class Engine:
             raise RuntimeError("warmup() needs an idle engine: requests are running")
         t0 = time.perf_counter()
         # log-probs and sampling are lax.cond branches of the same programs: one call per shape
-        for T in self.prompt_buckets:
-            self._run_prefill(np.zeros(T, np.int32), 1, 0, self._sampling_rows([None]), False)
+        for T, sizes in self.prefill_shapes.items():
+            for P in sizes:
+                self._run_prefill(np.zeros((P, T), np.int32), np.ones(P, np.int32),
+                                  np.arange(P, dtype=np.int32), self._sampling_rows([None] * P),
+                                  False)
         for B in self.batch_buckets:
             for S in self.span_buckets:
                 self._run_decode(B, S, self._sampling_rows([None] * B), False)
@@ -496,9 +519,10 @@ class Engine:
             streams[i], counters[i] = r.stream, counter
         return temp, top_k, top_p, keys, streams, counters
 
-    def _run_prefill(self, tokens: np.ndarray, length: int, slot: int, sampling, want: bool):
-        out = self._prefill(self._state, self._ck, self._cv, tokens[None], np.int32(length),
-                            np.int32(slot), sampling, np.bool_(want))
+    def _run_prefill(self, tokens: np.ndarray, lengths: np.ndarray, slots: np.ndarray, sampling,
+                     want: bool):
+        out = self._prefill(self._state, self._ck, self._cv, tokens, lengths, slots, sampling,
+                            np.bool_(want))
         self._ck, self._cv = out[0], out[1]
         return [np.asarray(x) for x in out[2:]]
 
@@ -571,44 +595,57 @@ class Engine:
                 entry[0]._emit(Event(finish_reason="cancelled", prompt_tokens=len(det.req.prompt),
                                      completion_tokens=det.n_generated))
         budget = self.prefill_tokens_per_step
-        while self._free:
+        joining: dict[int, list[Stream]] = {}  # prompt bucket -> streams, in arrival order
+        n_join = 0
+        while n_join < len(self._free):
             with self._cv_lock:
                 if not self._waiting:
                     break
+                n = len(self._waiting[0].request.prompt)
                 # at least one join per iteration, more while the prompt-token budget lasts
-                if m.running > 0 and budget < min(len(self._waiting[0].request.prompt),
-                                                  self.prefill_tokens_per_step):
+                if n_join and budget < n:
                     break
                 s = self._waiting.popleft()
                 m.queue_length = len(self._waiting)
             if s.cancelled:
                 m.finished["cancelled"] += 1
-                s._emit(Event(finish_reason="cancelled", prompt_tokens=len(s.request.prompt)))
+                s._emit(Event(finish_reason="cancelled", prompt_tokens=n))
                 continue
-            budget -= len(s.request.prompt)
-            self._admit(s)
+            budget -= n
+            n_join += 1
+            joining.setdefault(next(b for b in self.prompt_buckets if b >= n), []).append(s)
+        for T, group in joining.items():
+            sizes = self.prefill_shapes[T]
+            while group:
+                P = max(p for p in sizes if p <= len(group))
+                self._admit(T, group[:P])
+                group = group[P:]
         if m.running > 0:
             self._decode_running()
 
-    def _admit(self, s: Stream) -> None:
-        req = s.request
-        slot = heapq.heappop(self._free)
-        n = len(req.prompt)
-        T = next(b for b in self.prompt_buckets if b >= n)
-        tokens = np.zeros(T, np.int32)
-        tokens[:n] = req.prompt
-        want = req.top_logprobs is not None
-        tok, lp, ids, lps = self._run_prefill(tokens, n, slot, self._sampling_rows([(req, 0)]),
+    def _admit(self, T: int, group: list[Stream]) -> None:
+        """Prefill ``group`` (prompts of bucket ``T``) in one call into the lowest free slots."""
+        P = len(group)
+        slots = np.array([heapq.heappop(self._free) for _ in group], np.int32)
+        tokens = np.zeros((P, T), np.int32)
+        lengths = np.zeros(P, np.int32)
+        for i, s in enumerate(group):
+            lengths[i] = len(s.request.prompt)
+            tokens[i, :lengths[i]] = s.request.prompt
+        want = any(s.request.top_logprobs is not None for s in group)
+        tok, lp, ids, lps = self._run_prefill(tokens, lengths, slots,
+                                              self._sampling_rows([(s.request, 0) for s in group]),
                                               want)
         self.metrics.prefills += 1
-        self.metrics.prompt_tokens += n
-        self.metrics.running += 1
-        det = _Detok(s, self._decode, self.stop_ids)
-        self._slots[slot] = (s, det)
-        self._tok[slot], self._pos[slot] = int(tok[0]), n
-        self._push(slot, int(tok[0]), self._lp_entry(req, int(tok[0]), lp[0], ids[0], lps[0]))
-        if s.t_first is not None:
-            self.metrics.observe_ttft(s.t_first - s.t_submit)
+        for i, (s, slot) in enumerate(zip(group, slots.tolist())):
+            n, t = int(lengths[i]), int(tok[i])
+            self.metrics.prompt_tokens += n
+            self.metrics.running += 1
+            self._slots[slot] = (s, _Detok(s, self._decode, self.stop_ids))
+            self._tok[slot], self._pos[slot] = t, n
+            self._push(slot, t, self._lp_entry(s.request, t, lp[i], ids[i], lps[i]))
+            if s.t_first is not None:
+                self.metrics.observe_ttft(s.t_first - s.t_submit)
 
     def _push(self, slot: int, tok: int, lp: TokenLogprob | None) -> None:
         det = self._slots[slot][1]
