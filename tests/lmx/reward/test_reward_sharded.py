@@ -37,6 +37,11 @@ def test_sharded_train_step_equals_single_device():
     sharded = train(_rm(head), reward_loss_fn, lambda step: batch, cfg,
                     mesh=make_mesh(data=2, fsdp=2, tensor=2))
     np.testing.assert_allclose(sharded.losses, single.losses, rtol=1e-5)
+    # the backbone and its Adam moments stay FSDP-sharded through the steps; the head is replicated
+    params, adam = sharded.state.params, sharded.state.opt_state[1][0]
+    assert params["backbone"]["wqkv"][...].sharding.spec[1] == "fsdp"
+    assert adam.mu["backbone"]["wqkv"][...].sharding == params["backbone"]["wqkv"][...].sharding
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params["head"]))
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(single.model, nnx.Param)),
                               nnx.to_flat_state(nnx.state(sharded.model, nnx.Param))):
         # Adam divides each coordinate by its gradient's RMS, so near-zero gradients whose last
