@@ -13,11 +13,11 @@ from graphs.data import (BatchSpec, GraphBatch, GraphDataset, batch_graphs, coll
                          smiles_to_graph, spd_parity, validate_graphs)
 from graphs.gtsp import GTSPConfig, export_clean
 from graphs.models import Gates, GraphModel, GTConfig, config_for, full_gates, make_model
-from graphs.train import FitConfig, GTSPState, GTSPSteps, evaluate, fit, make_gtsp_steps
+from graphs.train import FitConfig, GTSPMasks, GTSPSteps, evaluate, fit, make_gtsp_steps
 
 __all__ = ["BatchSpec", "GraphBatch", "GraphDataset", "batch_graphs", "collate",
            "key_retrieval", "load_freesolv", "load_mutag", "load_nci_tpsa",
            "load_ogb_raw", "load_solubility", "make_batches", "smiles_to_graph", "spd_parity",
            "validate_graphs", "GTSPConfig", "export_clean", "Gates", "GraphModel", "GTConfig",
-           "config_for", "full_gates", "make_model", "FitConfig", "GTSPState", "GTSPSteps", "evaluate",
+           "config_for", "full_gates", "make_model", "FitConfig", "GTSPMasks", "GTSPSteps", "evaluate",
            "fit", "make_gtsp_steps"]

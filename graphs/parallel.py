@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lmx.parallel import BATCH_AXES, make_mesh, replicated
 from lmx.parallel import shard_batch as _shard_rows
 
-__all__ = ["data_mesh", "data_parallel_size", "batch_sharding", "shard_batch", "replicated"]
+__all__ = ["data_mesh", "data_parallel_size", "batch_sharding", "check_stack", "shard_batch",
+           "replicated"]
 
 
 def data_mesh(n_devices: int | None = None) -> Mesh:
@@ -48,6 +49,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def check_stack(batch, mesh: Mesh) -> None:
+    """Check that a stacked ``GraphBatch`` (this process's part) splits over this process's
+    share of ``mesh``'s ``data`` x ``fsdp`` shards.
+
+    Raises:
+      ValueError: ``batch`` is not stacked (``graph_mask`` not ``[D, B]``), or ``D`` does not
+        divide by this process's data-parallel shards.
+    """
+    n_shards = data_parallel_size(mesh)
+    pc = jax.process_count()
+    local = n_shards // pc if n_shards % pc == 0 else n_shards
+    if np.ndim(batch.graph_mask) != 2:
+        raise ValueError(f"batch must be a stacked GraphBatch (graph_mask [D, B]), got graph_mask of "
+                         f"shape {np.shape(batch.graph_mask)}; stack batches with "
+                         f"graphs.data.stack_batches")
+    n = int(np.shape(batch.graph_mask)[0])
+    if n % local:
+        raise ValueError(f"a stack of {n} padded batches does not split over the {local} "
+                         f"data-parallel shards of this process (mesh axes {dict(mesh.shape)}, "
+                         f"batch axes {BATCH_AXES}); stack a multiple of {local} batches "
+                         f"(graphs.train.fit fills a short stack with label-free copies)")
+
+
 def shard_batch(batch, mesh: Mesh):
     """Place a stacked ``GraphBatch`` (leading axis = padded batches, from
     ``graphs.data.stack_batches``) with that axis split over ``data`` x ``fsdp``.
@@ -56,19 +80,7 @@ def shard_batch(batch, mesh: Mesh):
     stack is their concatenation in process order (``lmx.parallel.shard_batch``).
 
     Raises:
-      ValueError: the stack's leading size does not divide by this process's share of the
-        data-parallel size (checked before anything is placed).
+      ValueError: as :func:`check_stack`, before anything is placed.
     """
-    n_shards = data_parallel_size(mesh)
-    local = n_shards // jax.process_count() if n_shards % jax.process_count() == 0 else n_shards
-    n = int(np.shape(batch.graph_mask)[0]) if np.ndim(batch.graph_mask) == 2 else None
-    if n is None:
-        raise ValueError(f"batch must be a stacked GraphBatch (graph_mask [D, B]), got graph_mask of "
-                         f"shape {np.shape(batch.graph_mask)}; stack batches with "
-                         f"graphs.data.stack_batches")
-    if n % local:
-        raise ValueError(f"a stack of {n} padded batches does not split over the {local} "
-                         f"data-parallel shards of this process (mesh axes {dict(mesh.shape)}, "
-                         f"batch axes {BATCH_AXES}); stack a multiple of {local} batches "
-                         f"(graphs.train.fit fills a short stack with label-free copies)")
+    check_stack(batch, mesh)
     return _shard_rows(batch, mesh)

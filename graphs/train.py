@@ -3,8 +3,10 @@
 :func:`make_gtsp_steps` gives the pieces (:class:`GTSPSteps`): ``init(model) -> state``, a jitted
 ``step(state, batch, key) -> (state, metrics)`` and the pruning event ``prune(state, batch, key)
 -> state`` that a loop calls between steps when ``is_event(step)`` (GTSP, Liu et al. 2023,
-arXiv:2312.05479, Sec. 3: token, head, layer and weight sparsification). :func:`fit` is that loop
-with a deterministic batch stream and orbax checkpoint/resume; a user can write their own.
+arXiv:2312.05479, Sec. 3: token, head, layer and weight sparsification). The state is the
+project's ``lmx.train.TrainState`` and the step an ``lmx.train.Step``; :func:`fit` drives them
+with the project's one loop, ``lmx.train.run`` (deterministic batch stream, the pruning event
+as a hook, orbax checkpoint/resume); a user can write their own loop instead.
 
 A step sees a stack of ``D`` equally-shaped padded batches whose leading axis is split over the
 mesh's ``data`` x ``fsdp`` axes; parameters, optimizer state and masks are replicated (the graph
@@ -15,14 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.struct
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -31,9 +31,8 @@ from graphs import gtsp as G
 from graphs import metrics
 from graphs.data import GraphBatch, GraphDataset, bucket_budgets, make_batches, stack_batches
 from graphs.models import Gates, GraphModel
-from graphs.parallel import data_mesh, data_parallel_size, replicated, shard_batch
-
-logger = logging.getLogger(__name__)
+from graphs.parallel import check_stack, data_mesh, data_parallel_size, replicated, shard_batch
+from lmx.train import RunConfig, Step, TrainState, compile_step, place_state, run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,62 +111,59 @@ def _loss(graphdef, rest, task, mode, train, eff, gates, batch, rng, probes=None
 
 
 @flax.struct.dataclass
-class GTSPState:
-    """Everything a GTSP training step reads and writes (a pytree; orbax saves it whole).
+class GTSPMasks:
+    """The GTSP part of a training state (``TrainState.extra``; a pytree).
 
-    ``params``: the model's ``nnx.Param`` state (pruned entries kept at zero); ``opt_state``: the
-    optimizer's; ``masks``: weight masks with the structure of ``params`` (all ones except under
-    faithful GraNet); ``head_mask`` ``[L, H]`` active heads; ``ffn_units`` ``[L, F]`` active FFN
-    units (clean structured weights); ``token_keep`` token keep ratio ``1 - s_token`` and
-    ``drop_path`` layer-drop probability ``s_layer`` (scalars); ``step`` the number of optimizer
-    steps taken (int32), which is also the data position and the event clock.
+    ``masks``: weight masks with the structure of the params (all ones except under faithful
+    GraNet); ``head_mask`` ``[L, H]`` active heads; ``ffn_units`` ``[L, F]`` active FFN units
+    (clean structured weights); ``token_keep`` token keep ratio ``1 - s_token`` and ``drop_path``
+    layer-drop probability ``s_layer`` (scalars).
     """
 
-    params: Any
-    opt_state: Any
     masks: Any
     head_mask: jax.Array
     ffn_units: jax.Array
     token_keep: jax.Array
     drop_path: jax.Array
-    step: jax.Array
 
 
-def state_gates(state: GTSPState) -> Gates:
+def state_gates(state: TrainState) -> Gates:
     """The :class:`Gates` a step applies: the state's head / FFN-unit masks, its token keep ratio
     on every layer, layer gates on (layers are removed at export, not during training)."""
-    L = state.head_mask.shape[0]
-    return Gates(token_keep=jnp.full((L,), state.token_keep, jnp.float32), head=state.head_mask,
-                 layer=jnp.ones((L,), jnp.float32), drop_path=state.drop_path,
-                 ffn_units=state.ffn_units)
+    m = state.extra
+    L = m.head_mask.shape[0]
+    return Gates(token_keep=jnp.full((L,), m.token_keep, jnp.float32), head=m.head_mask,
+                 layer=jnp.ones((L,), jnp.float32), drop_path=m.drop_path, ffn_units=m.ffn_units)
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_step(graphdef, tx, task: str, mode: str, double_step: bool):
-    """Jitted ``(state, rest, batch[D], key) -> (state, metrics)``, cached per (structure,
-    optimizer, task, mode) so every fit and every sparsity setting reuses one compile per batch
-    shape (masks and ratios are state values, not constants).
+def _compiled_step(graphdef, tx, task: str, mode: str, double_step: bool) -> Step:
+    """The ``lmx.train`` step ``(state, batch[D], key) -> (state, metrics)``, cached per
+    (structure, optimizer, task, mode) so every fit and every sparsity setting reuses one compile
+    per batch shape (masks and ratios are state values, not constants). XLA's default CPU
+    options (``compiler_options={}``): the programs are small and the numerics stay those of the
+    committed results.
 
     Gradients are taken w.r.t. the effective weights ``w ⊙ m`` and masked; pruned weights are
     zeroed after the update (as the official GTSP code). ``double_step`` applies the optimizer a
     second time with the same gradients (a bug of the official GTSP code, kept for reproduction)."""
 
-    def step(state, rest, batch, key):
+    def step(state, batch, key):
         gates = state_gates(state)
-        eff = G.apply_masks(state.params, state.masks)
+        masks = state.extra.masks
+        eff = G.apply_masks(state.params, masks)
         loss, g = jax.value_and_grad(
-            lambda e: _loss(graphdef, rest, task, mode, True, e, gates, batch, key))(eff)
-        g = G.apply_masks(g, state.masks)
+            lambda e: _loss(graphdef, state.aux, task, mode, True, e, gates, batch, key))(eff)
+        g = G.apply_masks(g, masks)
         upd, opt_state = tx.update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, upd)
         if double_step:
             upd, opt_state = tx.update(g, opt_state, params)
             params = optax.apply_updates(params, upd)
-        new = state.replace(params=G.apply_masks(params, state.masks), opt_state=opt_state,
-                            step=state.step + 1)
+        new = state.replace(params=G.apply_masks(params, masks), opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(g)}
 
-    return jax.jit(step)
+    return compile_step(step, compiler_options={})
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,8 +195,11 @@ class GTSPSteps:
     """GTSP training of one model structure as pure pieces a loop calls (built by
     :func:`make_gtsp_steps`).
 
-    * ``init(model) -> state``: a :class:`GTSPState` placed on the mesh (replicated).
-    * ``step(state, batch, key) -> (state, metrics)``: one jitted AdamW step on a stacked batch
+    * ``init(model) -> state``: an ``lmx.train.TrainState`` (``params``, ``opt_state``, GTSP
+      masks in ``extra`` (:class:`GTSPMasks`), the model's non-``Param`` state in ``aux``),
+      placed on the mesh (replicated).
+    * ``step(state, batch, key) -> (state, metrics)``: one compiled AdamW step (an
+      ``lmx.train.Step``: the state is donated, ``state.step`` advances) on a stacked batch
       placed by ``shard(batch)``; ``metrics`` = ``{"loss", "grad_norm"}`` (device scalars).
     * ``is_event(step) -> bool`` and ``prune(state, batch, key) -> state``: the GTSP pruning
       event due at ``state.step`` (head and weight axes; host-side, between steps, on the batch
@@ -222,7 +221,7 @@ class GTSPSteps:
     tx: Any
     events: tuple
 
-    def init(self, model: GraphModel) -> GTSPState:
+    def init(self, model: GraphModel) -> TrainState:
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         if graphdef != self.graphdef:
             raise ValueError("init(model): model has another structure than the model these steps "
@@ -232,33 +231,35 @@ class GTSPSteps:
         # faithful: the official random initial active set; clean: start dense, prune progressively
         head_mask = (G.initial_heads(L, H, 1.0 - g.head, np.random.default_rng(g.seed), g.mode)
                      if g.head > 0 and g.mode == "faithful" else np.ones((L, H), np.float32))
-        state = GTSPState(params=params, opt_state=self.tx.init(params),
-                          masks=G.ones_masks(params), head_mask=jnp.asarray(head_mask),
+        extra = GTSPMasks(masks=G.ones_masks(params), head_mask=jnp.asarray(head_mask),
                           ffn_units=jnp.ones((L, F), jnp.float32),
                           token_keep=jnp.asarray(1.0 - g.token, jnp.float32),
-                          drop_path=jnp.asarray(g.layer, jnp.float32),
-                          step=jnp.asarray(0, jnp.int32))
+                          drop_path=jnp.asarray(g.layer, jnp.float32))
+        state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                           opt_state=self.tx.init(params), extra=extra, aux=self.rest)
         return self._place(state)
 
-    def _place(self, state: GTSPState) -> GTSPState:
-        # every leaf replicated on the mesh, so the step compiles once per batch shape
-        return jax.device_put(state, replicated(self.mesh))
+    def _place(self, state: TrainState) -> TrainState:
+        # every leaf replicated on the mesh (so the step compiles once per batch shape), as
+        # fresh buffers: the step donates its state, never the model's own arrays
+        return place_state(state, replicated(self.mesh))
 
     def shard(self, batch: GraphBatch) -> GraphBatch:
         """The stacked batch placed over the mesh's batch axes (:func:`graphs.parallel.shard_batch`)."""
         return shard_batch(batch, self.mesh)
 
-    def step(self, state: GTSPState, batch: GraphBatch, key: jax.Array):
-        fn = _jitted_step(self.graphdef, self.tx, self.task, self.gcfg.mode, self.gcfg.double_step)
-        return fn(state, self.rest, batch, key)
+    def step(self, state: TrainState, batch: GraphBatch, key: jax.Array):
+        fn = _compiled_step(self.graphdef, self.tx, self.task, self.gcfg.mode,
+                            self.gcfg.double_step)
+        return fn(state, batch, key)
 
     def is_event(self, step: int) -> bool:
         return step in self.events
 
-    def gates(self, state: GTSPState) -> Gates:
+    def gates(self, state: TrainState) -> Gates:
         return state_gates(state)
 
-    def prune(self, state: GTSPState, batch: GraphBatch, key: jax.Array) -> GTSPState:
+    def prune(self, state: TrainState, batch: GraphBatch, key: jax.Array) -> TrainState:
         """The GTSP event at ``state.step`` (k-th of ``len(events)``): heads (faithful:
         death/regrowth by the official probe scores; clean: keep the top ``cubic_density(k)``
         by ``|dL/dg_h|``) and weights (faithful: GraNet magnitude pruning + death/gradient
@@ -271,18 +272,19 @@ class GTSPSteps:
         if step not in self.events:
             raise ValueError(f"no GTSP event at step {step}; events are at steps {self.events}")
         k = self.events.index(step) + 1
-        model = nnx.merge(self.graphdef, state.params, self.rest)
+        model = nnx.merge(self.graphdef, state.params, state.aux)
         mcfg = model.cfg
         H = mcfg.n_heads
-        head_mask, units = np.asarray(state.head_mask), np.asarray(state.ffn_units)
-        params, masks = state.params, state.masks
+        head_mask = np.asarray(state.extra.head_mask)
+        units = np.asarray(state.extra.ffn_units)
+        params, masks = state.params, state.extra.masks
         probes = None
         if g.mode == "faithful" and g.head > 0 and mcfg.attention == "dense":
             one = G.make_probes(model, jax.tree.map(lambda x: x[0], batch), H)
             D = batch.graph_mask.shape[0]
             probes = jax.tree.map(lambda x: jnp.broadcast_to(x, (D,) + x.shape), one)
         grad_fn = make_event_grads(self.graphdef, self.task, g.mode)
-        g_eff, g_gates, g_probes = grad_fn(params, self.rest, masks, state_gates(state), batch,
+        g_eff, g_gates, g_probes = grad_fn(params, state.aux, masks, state_gates(state), batch,
                                            key, probes, True)
         if g.head > 0:
             if g.mode == "faithful":
@@ -309,22 +311,22 @@ class GTSPSteps:
                 params = jax.tree.map(lambda p, m, r: p * m * (1 - r), params, masks, grown)
             else:
                 units = G.structured_unit_masks(G.ffn_unit_scores(model), units, dens)
-        return self._place(state.replace(params=params, masks=masks,
-                                         head_mask=jnp.asarray(head_mask, jnp.float32),
-                                         ffn_units=jnp.asarray(units, jnp.float32)))
+        extra = state.extra.replace(masks=masks, head_mask=jnp.asarray(head_mask, jnp.float32),
+                                    ffn_units=jnp.asarray(units, jnp.float32))
+        return self._place(state.replace(params=params, extra=extra))
 
-    def result(self, state: GTSPState, model: GraphModel, ds: GraphDataset, train_idx,
+    def result(self, state: TrainState, model: GraphModel, ds: GraphDataset, train_idx,
                losses: list | None = None) -> FitResult:
-        nnx.update(model, G.apply_masks(state.params, state.masks))
+        nnx.update(model, G.apply_masks(state.params, state.extra.masks))
         gates = state_gates(state)
         L = model.cfg.n_layers
         layer_keep = np.ones(L, np.float32)
         if self.gcfg.mode == "clean" and self.gcfg.layer > 0:
             imp = layer_importance(model, ds, train_idx, self.cfg, gates, self.gcfg.mode)
             layer_keep = G.layers_to_remove(imp, self.gcfg.layer)
-        return FitResult(model, gates, state.masks, list(losses or []),
-                         np.asarray(state.head_mask), np.asarray(state.ffn_units), layer_keep,
-                         int(state.step))
+        return FitResult(model, gates, state.extra.masks, list(losses or []),
+                         np.asarray(state.extra.head_mask), np.asarray(state.extra.ffn_units),
+                         layer_keep, int(state.step))
 
 
 def make_gtsp_steps(model: GraphModel, task: str, cfg: FitConfig = FitConfig(),
@@ -410,64 +412,41 @@ def _process_block(stack: GraphBatch) -> GraphBatch:
     return jax.tree.map(lambda x: x[pi * k:(pi + 1) * k], stack)
 
 
-def _ckpt_manager(path):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(pathlib.Path(path).absolute(),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-
 def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConfig(),
-        gcfg: G.GTSPConfig | None = None, *, mesh: Mesh | None = None,
-        callback: Callable[[int, float], None] | None = None) -> FitResult:
+        gcfg: G.GTSPConfig | None = None, *, mesh: Mesh | None = None) -> FitResult:
     """Train ``model`` on ``ds[train_idx]`` with GTSP ``gcfg`` (``None`` = unpruned).
 
-    The loop over :func:`make_gtsp_steps`' pieces: per step one stack of
-    ``cfg.batches_per_step`` padded batches (default: the mesh's ``data*fsdp`` size), split over
-    ``mesh`` (an ``lmx.parallel`` mesh; default: one device; parameters replicated), the GTSP
-    event when one is due, then the optimizer step. Batch order is a pure function of
-    (seed, epoch) and the key of step t is ``fold_in(key(cfg.seed), t)``, so with ``cfg.ckpt_dir``
-    (orbax; the whole :class:`GTSPState` every ``ckpt_every`` steps) a run resumes from the latest
-    checkpoint exactly. ``callback(step, loss)`` runs after every step. Returns the trained
-    (masked) model, its gates and masks; ``losses`` holds this call's steps only.
+    :func:`make_gtsp_steps`' step driven by the project's one loop, ``lmx.train.run``: per step
+    one stack of ``cfg.batches_per_step`` padded batches (default: the mesh's ``data*fsdp``
+    size), split over ``mesh`` (an ``lmx.parallel`` mesh; default: one device; parameters
+    replicated); the GTSP pruning event runs as a hook before the steps it is due at, on that
+    step's batch and key. Batch order is a pure function of (seed, epoch) and the key of step t
+    is ``fold_in(key(cfg.seed), t)``, so with ``cfg.ckpt_dir`` (orbax; the whole state every
+    ``ckpt_every`` steps and at the end) a run resumes from the latest checkpoint exactly.
+    Returns the trained (masked) model, its gates and masks; ``losses`` holds every step's loss
+    (after a resume, the earlier ones come from the checkpoint).
     """
     gt = make_gtsp_steps(model, ds.task, cfg, gcfg, mesh=mesh)
     D = cfg.batches_per_step or data_parallel_size(gt.mesh)
-    state = gt.init(model)
-    mgr = _ckpt_manager(cfg.ckpt_dir) if cfg.ckpt_dir else None
-    if mgr is not None and mgr.latest_step() is not None:
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(abstract))
-        logger.info("resumed from the checkpoint of step %d in %s", int(state.step), cfg.ckpt_dir)
-    start = int(state.step)
     buckets = bucket_budgets(ds.subset(train_idx), cfg.batch_size, cfg.num_buckets)
     stream = _Stream(ds, np.asarray(train_idx), cfg, model.cfg.batch_spec(), D, buckets)
-    losses = []
     base_key = jax.random.key(cfg.seed)
-    it = range(start, cfg.steps)
-    if cfg.progress:
-        from tqdm import tqdm
 
-        it = tqdm(it, desc="fit", initial=start, total=cfg.steps)
-    for step in it:
-        batch = gt.shard(_process_block(stream.get(step)))
-        key = jax.random.fold_in(base_key, step)
-        if gt.is_event(step):
-            state = gt.prune(state, batch, key)
-        state, metrics = gt.step(state, batch, key)
-        losses.append(float(metrics["loss"]))
-        if callback is not None:
-            callback(step, losses[-1])
-        if mgr is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-            import orbax.checkpoint as ocp
+    def get_batch(step: int) -> GraphBatch:
+        stack = _process_block(stream.get(step))
+        check_stack(stack, gt.mesh)
+        return stack
 
-            mgr.save(step + 1, args=ocp.args.StandardSave(state))
-            logger.info("checkpoint of step %d written to %s", step + 1, cfg.ckpt_dir)
-    if mgr is not None:
-        mgr.wait_until_finished()
-    return gt.result(state, model, ds, train_idx, losses)
+    def pruning_event(step: int, state: TrainState) -> TrainState | None:
+        if not gt.is_event(step):
+            return None
+        return gt.prune(state, gt.shard(get_batch(step)), jax.random.fold_in(base_key, step))
+
+    rc = RunConfig(steps=cfg.steps, seed=cfg.seed, ckpt_dir=cfg.ckpt_dir,
+                   ckpt_every=cfg.ckpt_every, progress=cfg.progress, desc="gtsp")
+    out = run(gt.init(model), gt.step, get_batch, rc, mesh=gt.mesh,
+              hooks=[pruning_event], key=base_key)
+    return gt.result(out.state, model, ds, train_idx, out.losses)
 
 
 def layer_importance(model: GraphModel, ds: GraphDataset, idx, cfg: FitConfig, gates: Gates,
