@@ -165,3 +165,15 @@ def test_jit_stability_one_compile_per_bucket(mutag):
         g = gtsp.gates_from(cfg, token_keep=1.0 - 0.1 * (i % 3), head=[[1, i % 2], [1, 1]])
         fwd(state, b, g)
     assert len(traces) == len(buckets)
+
+
+def test_each_process_feeds_its_block_of_the_stack(mutag, gps_cfg, monkeypatch):
+    b = data.make_batches(mutag, TRAIN_IDX[:8], 4, spec=gps_cfg.batch_spec())[0]
+    stack = data.stack_batches([b._replace(labels=np.full_like(b.labels, i)) for i in range(4)])
+    assert train._process_block(stack) is stack                    # one process: all of it
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    mine = train._process_block(stack)
+    assert mine.graph_mask.shape[0] == 2 and np.unique(mine.labels).tolist() == [2.0, 3.0]
+    with pytest.raises(ValueError, match="3 padded batches does not split over 2 processes"):
+        train._process_block(data.stack_batches([b] * 3))
