@@ -6,8 +6,8 @@ row's position id equals its column. Requests join (``prefill_slots`` writes pro
 rows) and leave (the row is simply reused) between decode steps; ``decode_slots`` advances every
 row of the first ``batch`` slots by one token, attending to the first ``span`` columns only. Only
 ``batch``, ``span`` and the prompt shape ``[P, T]`` are shapes (static); everything that varies
-per request -- temperature, top-k, top-p, PRNG key, token index -- is an array, so a warmed-up engine
-never recompiles whatever the request mix (continuous batching as in Yu et al. 2022, Orca,
+per request -- temperature, top-k, top-p, PRNG key, token index -- is an array, so a warmed-up
+engine never recompiles whatever the request mix (continuous batching as in Yu et al. 2022, Orca,
 OSDI'22, "iteration-level scheduling"; slot-wise KV memory as in Kwon et al. 2023, vLLM,
 arXiv:2309.06180, Sec. 4, here with one contiguous block per request).
 

@@ -15,9 +15,9 @@ One thread owns the model. Each loop iteration it
    (text that could be the start of a stop string is held back), ``max_tokens``; a finished
    request leaves its slot at once.
 
-Shapes depend only on (prefill batch, prompt bucket) and (batch bucket, span bucket), and every per-request
-setting (temperature, top-k, top-p, seed, token index, max_tokens, stop) is data, so after
-:meth:`Engine.warmup` no request mix compiles anything; :meth:`Engine.compile_count` and
+Shapes depend only on (prefill batch, prompt bucket) and (batch bucket, span bucket), and every
+per-request setting (temperature, top-k, top-p, seed, token index, max_tokens, stop) is data, so
+after :meth:`Engine.warmup` no request mix compiles anything; :meth:`Engine.compile_count` and
 :func:`backend_compiles` let tests check that. Kernels: :mod:`lmx.models.slot_decode`.
 
 :class:`FunctionEngine` gives the same request/stream interface over a token-level
