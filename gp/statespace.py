@@ -132,9 +132,19 @@ def _filter_passes(T, H, y, R, P_inf, store: bool):
 
     Returns ``(lml, mf, Pf, Pp)`` (filtered means and covariances, one-step predicted
     covariances; ``None`` unless ``store``).
+
+    Storing for q >= 2, the covariance scan emits only the filtered ``D_i`` and the predicted
+    ``D^-_i = T_i D_{i-1} T_i^T``, ``S_i`` and ``K_i`` are recomputed from them for all steps
+    at once (element-wise over the step axis): a scan that also writes those three per step
+    measured 1.6x slower at n = 1e6, q = 2 (2-core CPU VM under load, same run; for q = 1 the
+    recomputation measured slower and is not used).
     """
+    split = store and P_inf.shape[0] >= 3
+
     def cov_scan(D, inp):
         Df, S, K, Dp = _cov_step(D, *inp, P_inf)
+        if split:
+            return Df, Df
         return Df, ((S, K, Df, Dp) if store else (S, K))
 
     def mean_scan(carry, inp):
@@ -143,6 +153,12 @@ def _filter_passes(T, H, y, R, P_inf, store: bool):
         return (mf, acc + term), (mf if store else None)
 
     _, cov = jax.lax.scan(cov_scan, jnp.zeros_like(P_inf), (T, H, R))
+    if split:
+        Df = cov
+        Dp = _mmt(_mm(T, jnp.concatenate([jnp.zeros_like(Df[:1]), Df[:-1]])), T)
+        ph = Dp[..., :, 0] + P_inf[:, 0] if H is None else _mv(Dp + P_inf, H)
+        S = (ph[..., 0] if H is None else jnp.sum(H * ph, axis=-1)) + R
+        cov = (S, ph / S[:, None], Df, Dp)
     init = (jnp.zeros_like(P_inf[:, 0]), jnp.zeros((), P_inf.dtype))
     (_, acc), mf = jax.lax.scan(mean_scan, init, (T, H, cov[1], cov[0], y))
     lml = _lml_from_sum(acc, y.shape[0])
@@ -194,12 +210,13 @@ def _filter_lml_matern32(x, y, lam, variance, noise):
     and ``P_inf = variance I`` (:func:`gp.kernels.ss_transition`), so on ``D = P - P_inf`` a step
     is ``D^- = T D T^T``, ``S = D^-_00 + variance + r``, ``k = (D^-_00 + variance, D^-_10) / S``,
     ``D = D^- - k k^T S``; the mean ``m^- = T m``, ``v = y - m^-_0``, ``m = m^- + k v``
-    (Hartikainen & Särkkä 2010). The carry is five scalars and the transition entries come in
-    as three precomputed ``[n]`` arrays (``exp`` vectorised outside the loop), where the generic
-    step carries ``[2, 2]`` arrays and an ``[n, 2, 2]`` transition: measured 1.5-1.8x faster at
-    n = 1e5 and 1e6 (2-core CPU VM under load, same run). Value only: the forward-mode
-    derivative pass (``_lml_jvp``) keeps the generic step, which measured 1.5x faster than this
-    one under ``vmap`` over the tangents (there every scalar becomes a short vector).
+    (Hartikainen & Särkkä 2010). The carry is five state scalars and the running sum; the
+    transition entries come in as three precomputed ``[n]`` arrays (``exp`` vectorised outside
+    the loop), where the generic step carries ``[2, 2]`` arrays and an ``[n, 2, 2]``
+    transition: measured 1.5-2.0x faster at n = 1e5 and 1e6 (2-core CPU VM under load, same
+    run). Value only: the forward-mode derivative pass (``_lml_jvp``) keeps the generic step,
+    which measured 1.4-1.7x faster than this one under ``vmap`` over the tangents (there every
+    scalar becomes a short vector).
     """
     z = lam * jnp.diff(x, prepend=x[:1])
     e = jnp.exp(-z)
