@@ -442,7 +442,7 @@ class RunResult:
 
     @property
     def step(self) -> int:
-        return self.history[-1]["step"] if self.history else 0
+        return int(jax.device_get(self.state.step))
 
     @property
     def losses(self) -> list[float]:
