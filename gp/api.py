@@ -121,9 +121,9 @@ def argsort(x: np.ndarray) -> np.ndarray:
     ``uint16``, which numpy sorts stably by radix (``O(n)``); within a bucket the points stay in
     input order, so ``x[idx]`` is sorted except inside buckets, and ``argsort(x[idx], kind="stable")`` (timsort, which merges the long
     sorted runs this leaves in ``O(n)`` comparisons plus the few within buckets) completes it.
-    Measured on the 2-core CPU VM under heavy load (``gp`` benchmark, ``argsort`` rows, uniform
-    ``x``, n = 1e5 / 1e6): 0.05x / 0.34x the time of ``numpy.argsort`` in the same rounds (whose
-    default sort is faster than its merge sort on random input). When one bucket would hold more
+    Measured on the shared 2-core CPU VM (``gp`` benchmark, ``argsort`` rows, uniform ``x``, two
+    runs): 0.05-0.51x (n = 1e5) and 0.34-0.42x (n = 1e6) the time of ``numpy.argsort`` in the
+    same rounds (whose default sort is faster than its merge sort on random input). When one bucket would hold more
     than :data:`BUCKET_SORT_MAX_LOAD` points (strongly clustered or heavy-tailed ``x``), the
     pass would gain nothing and ``numpy.argsort`` sorts directly; likewise below
     :data:`BUCKET_SORT_MIN_N` points.
