@@ -219,7 +219,11 @@ def _cgroup_finish(cg, kind):
             hits = int(_read_at(parent, f"{name}/memory.failcnt"))
     except (OSError, ValueError):
         pass
-    for _ in range(400):
+    # The sample's result goes back only once its cgroup is empty: a fork bomb's thousands of
+    # killed processes can take seconds to die on a loaded machine, and returning earlier would
+    # let them run on (and count against the next sample) after the report.
+    deadline, pause = time.monotonic() + 30.0, 0.002
+    while time.monotonic() < deadline:
         try:
             os.rmdir(name, dir_fd=parent)
             break
@@ -229,7 +233,8 @@ def _cgroup_finish(cg, kind):
                     os.kill(int(pid), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
     os.close(parent)
     return hits
 
