@@ -35,7 +35,9 @@ that only the driver holds; the candidate runs in a worker process forked before
 read (see ``_driver.py``), and the evaluator re-counts the tests against the job it sent.
 """
 import ctypes
+import importlib.util
 import json
+import marshal
 import os
 import select
 import signal
@@ -337,8 +339,14 @@ def _setup_root(spec):
 
 
 _DRIVER_SRC = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_driver.py")).read()
+_DRIVER_CODE = compile(_DRIVER_SRC, "driver.py", "exec", dont_inherit=True)
 _DRIVER = {"__name__": "lmx_sandbox_driver"}
-exec(compile(_DRIVER_SRC, "driver.py", "exec"), _DRIVER)
+exec(_DRIVER_CODE, _DRIVER)
+# The same code as the bytes of a ``.pyc`` for bubblewrap mode, which starts a fresh interpreter
+# per sample (the launcher's own, so the magic number matches): it runs the file directly instead
+# of compiling ~400 lines each time (about 2 ms of a ~30 ms sample). Header: magic, flags 0, then
+# the unchecked mtime and source size.
+_DRIVER_PYC = importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(_DRIVER_CODE)
 
 
 def _write_files(work, spec):
@@ -525,7 +533,7 @@ def _bwrap_sources(spec):
 
 
 def _bwrap_argv(spec, sources):
-    """bubblewrap's command line; fd 5 holds the filter, 6 and 7 the driver and the job."""
+    """bubblewrap's command line; fd 5 holds the filter, 6 the compiled driver, 7 the job."""
     uid, gid = (os.getuid(), os.getgid()) if spec["uid"] is None else (spec["uid"], spec["uid"])
     a = [spec["bwrap"], "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
          "--as-pid-1", "--cap-drop", "ALL", "--uid", str(uid), "--gid", str(gid),
@@ -545,10 +553,10 @@ def _bwrap_argv(spec, sources):
     # /dev/shm (POSIX semaphores of multiprocessing live there).
     a += ["--dev", "/dev", "--size", str(_SHM_BYTES), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
           "--proc", "/proc", "--perms", "0700", "--dir", "/tmp/work",
-          "--perms", "0444", "--ro-bind-data", "6", "/tmp/work/driver.py",
+          "--perms", "0444", "--ro-bind-data", "6", "/tmp/work/driver.pyc",
           "--perms", "0444", "--ro-bind-data", "7", "/tmp/work/job.py",
           "--remount-ro", "/", "--seccomp", "5", "--chdir", "/tmp/work",
-          "--", spec["python"], *_flags(spec), "driver.py"]
+          "--", spec["python"], *_flags(spec), "driver.pyc"]
     return a
 
 
@@ -621,7 +629,7 @@ def _supervise(spec, t0, cg):
         spec["data_bytes"] = len(job) + len(_DRIVER_SRC)
         spec["bwrap_argv"] = _bwrap_argv(spec, spec["bwrap_sources"])
         extra = [_memfd("filter", seccomp_bytes(spec["socket_families"])),
-                 _memfd("driver", _DRIVER_SRC.encode()), _memfd("job", job)]
+                 _memfd("driver", _DRIVER_PYC), _memfd("job", job)]
     else:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         work = spec["workdir"]
