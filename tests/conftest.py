@@ -24,11 +24,11 @@ def _uses_sandbox(item) -> bool:
     return (REPO / "tests" / "lmx" / "evals") in path.parents or hasattr(item.module, "Sandbox")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into node-id groups
 def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n 2 --dist loadgroup`` (the CI command) a file's tests stay on one worker,
-    so module fixtures (a loaded SmolLM2, a fitted GP) are built once; and every file that starts
-    sandboxes shares one worker, because the containment tests count the processes of all
-    sandbox uids and must not see another worker's samples."""
+    """Under ``pytest -n 2 --dist loadgroup`` (the CI command) every test that starts sandboxes
+    runs on one worker: the containment tests count the processes of all sandbox uids and must
+    not see another worker's samples. Other tests are spread one by one."""
     for item in items:
-        group = "sandbox" if _uses_sandbox(item) else str(pathlib.Path(str(item.fspath)).relative_to(REPO))
-        item.add_marker(pytest.mark.xdist_group(group))
+        if _uses_sandbox(item):
+            item.add_marker(pytest.mark.xdist_group("sandbox"))
