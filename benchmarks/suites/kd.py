@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.compilation_cache import compilation_cache
 
-from benchmarks.common import block, timeit
+from benchmarks.common import bench_mesh, block, timeit
 from lmx.kd import ATKDConfig, KDConfig, fused_linear_kd_loss, kd_loss
 
 METHODS = {"FKL": KDConfig(kind="fkl"), "FKL+ATKD": ATKDConfig(direction="forward"),
@@ -202,7 +202,7 @@ def _quality(cfg: dict, out_dir: pathlib.Path) -> tuple[list[dict], list[dict]]:
                     train=TrainConfig(steps=cfg["steps"], lr=cfg["lr"], seed=seed,
                                       warmup_steps=cfg.get("warmup_steps", 0), progress=False))
                 res = distill(student, teacher, train_rows, dcfg, teacher_hidden=h_train,
-                              data_seed=seed)
+                              mesh=bench_mesh(), data_seed=seed)
                 ev = evaluate(res.student, w_t, eval_rows, h_eval, batch_size=bs)
                 runs.append({"method": method, "seed": seed, "heldout_nll": ev["nll"],
                              "heldout_kl": ev["kl"], "final_train_loss": res.losses[-1],

@@ -367,7 +367,7 @@ def train_rm(head: str, x: np.ndarray, ci: np.ndarray, ri: np.ndarray, config: d
                        ckpt_dir=str(work / f"{head}_{seed}"), ckpt_every=config["steps"],
                        log_path=str(work / f"{head}_{seed}.jsonl"), progress=False)
     t0 = time.perf_counter()
-    result = train(model, reward_loss_fn, get_batch, tcfg)
+    result = train(model, reward_loss_fn, get_batch, tcfg, mesh=common.bench_mesh())
     return result.model, time.perf_counter() - t0
 
 
