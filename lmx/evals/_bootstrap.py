@@ -15,7 +15,7 @@ Layers, in the order the supervisor and the program's process set them up:
    a map of its own uid/gid when not root; every capability is dropped before the program runs);
    a fresh root (``pivot_root`` into a tmpfs) holding only the interpreter, its shared libraries,
    the allowed import directories and four device nodes, all read-only, plus a private
-   size-capped ``/tmp`` (the working directory is ``/tmp/work``). No ``/proc``, no ``/var/tmp``,
+   size-capped ``/tmp`` (the working directory is ``/tmp/sample``). No ``/proc``, no ``/var/tmp``,
    no host socket files, a network stack with only a downed loopback. The program's driver is
    PID 1 of its PID namespace: when it ends the kernel kills everything the candidate left behind.
 3. Bwrap mode: the program's process, after the layers of 4, execs bubblewrap, which builds the
@@ -241,6 +241,10 @@ def _cgroup_finish(cg, kind):
     return hits
 
 
+# The sample's working directory inside its private /tmp (both namespace modes).
+SAMPLE_DIR = "/tmp/sample"
+
+
 # -- fresh root -----------------------------------------------------------------------------------
 def _pivot(new_root, put_old):
     _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
@@ -326,7 +330,7 @@ def _setup_root(spec):
         if kind != "dev":
             flags |= MS_NODEV
         _mount(None, dst, None, flags)
-    work = "/tmp/work"
+    work = SAMPLE_DIR
     os.mkdir(new + work, 0o700)
     if spec["uid"] is not None:
         os.chown(new + work, spec["uid"], spec["uid"])
@@ -552,10 +556,10 @@ def _bwrap_argv(spec, sources):
     # bubblewrap's /dev is a writable tmpfs without a size: read-only here, with a small sized
     # /dev/shm (POSIX semaphores of multiprocessing live there).
     a += ["--dev", "/dev", "--size", str(_SHM_BYTES), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-          "--proc", "/proc", "--perms", "0700", "--dir", "/tmp/work",
-          "--perms", "0444", "--ro-bind-data", "6", "/tmp/work/driver.pyc",
-          "--perms", "0444", "--ro-bind-data", "7", "/tmp/work/job.py",
-          "--remount-ro", "/", "--seccomp", "5", "--chdir", "/tmp/work",
+          "--proc", "/proc", "--perms", "0700", "--dir", SAMPLE_DIR,
+          "--perms", "0444", "--ro-bind-data", "6", f"{SAMPLE_DIR}/driver.pyc",
+          "--perms", "0444", "--ro-bind-data", "7", f"{SAMPLE_DIR}/job.py",
+          "--remount-ro", "/", "--seccomp", "5", "--chdir", SAMPLE_DIR,
           "--", spec["python"], *_flags(spec), "driver.pyc"]
     return a
 

@@ -325,7 +325,7 @@ def test_h08_host_view_is_minimal(sb):
         return
     # /tmp holds the sample's work folder, plus the read-only interpreter when it lives under
     # /tmp (a venv there is bound at its own path, so that its paths keep working)
-    in_tmp = sorted({"work"} | {pathlib.PurePath(q).parts[2] for q in
+    in_tmp = sorted({"sample"} | {pathlib.PurePath(q).parts[2] for q in
                                 (sys.prefix, sys.executable, os.path.realpath(sys.executable))
                                 if pathlib.PurePath(q).parts[1:2] == ("tmp",)})
     if sb.isolation == "bwrap":
@@ -774,7 +774,7 @@ for iso in ("auto", "bwrap", "namespaces"):
         out[iso] = {"unavailable": str(e)}
         continue
     with sb:
-        r = sb.run(Job(look, ("assert x[0] == os.getuid() and x[1] == 2 and x[2] == ['work'], x",)))
+        r = sb.run(Job(look, ("assert x[0] == os.getuid() and x[1] == 2 and x[2] == ['sample'], x",)))
         b = sb.run(Job(bomb, ("assert True",)))
         out[iso] = {"isolation": sb.isolation, "mechanism": sb.mechanism, "status": r.status,
                     "error": r.error, "tests": list(r.tests), "bomb": b.error}
@@ -863,8 +863,8 @@ def test_allowed_socket_family_stays_inside(mode):
     with sb:
         prog = ("import socket\n"
                 "a = socket.socket(socket.AF_UNIX)\n"
-                "a.bind('/tmp/work/s'); a.listen(1)\n"
-                "b = socket.socket(socket.AF_UNIX); b.connect('/tmp/work/s')\n"
+                "a.bind('/tmp/sample/s'); a.listen(1)\n"
+                "b = socket.socket(socket.AF_UNIX); b.connect('/tmp/sample/s')\n"
                 "b.sendall(b'hi'); assert a.accept()[0].recv(2) == b'hi'\n")
         assert sb.run(Job(prog, ("assert True",))).passed
         r = sb.run(Job("import socket\nsocket.socket(socket.AF_INET)\n", ("assert True",)))
