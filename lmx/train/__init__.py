@@ -174,11 +174,11 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
 
     def run_config(self, desc: str = "train") -> RunConfig:
-        """The driver's part of this config."""
-        return RunConfig(steps=self.steps, seed=self.seed, ckpt_dir=self.ckpt_dir,
-                         ckpt_every=self.ckpt_every, keep_checkpoints=self.keep_checkpoints,
-                         log_path=self.log_path, log_every=self.log_every, progress=self.progress,
-                         halt_after=self.halt_after, desc=desc)
+        """The driver's part of this config: every :class:`RunConfig` field but ``desc`` is read
+        by name from this one (the LM config keeps its flat, public field list)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)
+                  if f.name != "desc"}
+        return RunConfig(**shared, desc=desc)
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
