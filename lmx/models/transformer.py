@@ -20,6 +20,13 @@ import numpy as np
 from flax import nnx
 
 from lmx.models.config import ModelConfig
+from lmx.parallel import constrain
+
+# logical names of activation dimensions (mapped to mesh axes by lmx.parallel's rules)
+_BTD = ("activation_batch", "activation_length", "activation_embed")
+_BTHD = ("activation_batch", "activation_length", "activation_heads", None)
+_BTKD = ("activation_batch", "activation_length", "activation_kv_heads", None)
+_BTF = ("activation_batch", "activation_length", "activation_mlp")
 
 # Finite, so that a query row whose keys are all masked (a pad position) softmaxes to a uniform
 # distribution instead of NaN; such rows are never scored.
@@ -109,9 +116,9 @@ def _qkv(cfg: ModelConfig, h, p, cos, sin):
     if cfg.arch == "gpt2":
         qkv = qkv + p["bqkv"]
     q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
-    q = q.reshape(B, T, cfg.n_heads, cfg.hd)
-    k = k.reshape(B, T, cfg.n_kv_heads, cfg.hd)
-    v = v.reshape(B, T, cfg.n_kv_heads, cfg.hd)
+    q = constrain(q.reshape(B, T, cfg.n_heads, cfg.hd), _BTHD)
+    k = constrain(k.reshape(B, T, cfg.n_kv_heads, cfg.hd), _BTKD)
+    v = constrain(v.reshape(B, T, cfg.n_kv_heads, cfg.hd), _BTKD)
     if cfg.arch == "llama":
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return q, k, v
@@ -137,7 +144,7 @@ def _attend(cfg: ModelConfig, q, k, v, allowed):
 
 
 def _mlp(cfg: ModelConfig, h, p):
-    u = h @ p["w_in"]
+    u = constrain(h @ p["w_in"], _BTF)
     if cfg.arch == "gpt2":
         u = jax.nn.gelu(u + p["b_in"], approximate=True)
     else:
@@ -243,7 +250,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = (positions_from_mask(attention_mask) if attention_mask is not None
                          else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
-        x = self.embed_tokens(tokens, positions, cdt)
+        x = constrain(self.embed_tokens(tokens, positions, cdt), _BTD)
         cos, sin = rope_tables(positions, cfg.hd, cfg.rope_theta)
         causal = jnp.tril(jnp.ones((T, T), bool))
         use_cudnn = cfg.attn_impl == "cudnn" and attention_mask is None
@@ -257,8 +264,8 @@ class Transformer(nnx.Module):
                 o = o.reshape(B, T, cfg.q_dim)
             else:
                 o = _attend(cfg, q, k, v, allowed)
-            x = x + _attn_out(cfg, o, p)
-            x = x + _mlp(cfg, _norm(cfg, x, p, "mlp_norm"), p)
+            x = constrain(x + _attn_out(cfg, o, p), _BTD)
+            x = constrain(x + _mlp(cfg, _norm(cfg, x, p, "mlp_norm"), p), _BTD)
             return x, ((k, v) if collect_kv else None)
 
         x, kv = jax.lax.scan(_remat(cfg, layer), x, self.layer_params(cdt),

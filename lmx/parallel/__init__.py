@@ -11,9 +11,18 @@ coordinator is named or a cluster launcher is detected (SLURM, Open MPI, multi-h
 and is a no-op on a single process. :func:`make_mesh` / :func:`mesh_from_spec` then span every
 process's devices, and :func:`shard_batch` assembles the global batch from each process's own
 rows (``jax.make_array_from_process_local_data``): a host loads only its part of the data.
+
+Activations carry logical names too (``"activation_batch"``, ``"activation_heads"``, ...): the
+model calls :func:`constrain` on them, which pins their sharding inside a traced step while a
+:func:`logical_sharding` context is active and is the identity otherwise (MaxText's
+``nn.with_logical_constraint`` in spirit). Without the pins GSPMD infers activation layouts from
+the parameters alone, and with FSDP-sharded weights it may choose to shard an activation's
+feature dimension instead of its batch, all-gathering activations rather than weights.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import re
@@ -39,6 +48,15 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
     "layers": None,
     # arrays with no model-specific names (merge masks, task vectors): one dimension split FSDP-style
     "shard": "fsdp",
+    # activations: batch over every data-parallel axis, features whole under FSDP (the weights are
+    # gathered, not the activations), head/MLP/vocab features split over `tensor`
+    "activation_batch": BATCH_AXES,
+    "activation_length": None,
+    "activation_embed": None,
+    "activation_heads": "tensor",
+    "activation_kv_heads": "tensor",
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
 }
 
 
@@ -185,6 +203,38 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
         used.update(flat)
         spec.append(flat[0] if len(flat) == 1 else flat)
     return P(*spec)
+
+
+_ACTIVE_SHARDING: contextvars.ContextVar[tuple[Mesh, Mapping[str, Any]] | None] = contextvars.ContextVar(
+    "lmx_logical_sharding", default=None)
+
+
+@contextlib.contextmanager
+def logical_sharding(mesh: Mesh | None, rules: Mapping[str, Any] = DEFAULT_RULES):
+    """While active (during tracing), :func:`constrain` pins activations on ``mesh`` by ``rules``.
+
+    ``mesh=None`` or a one-device mesh deactivates the pins (nothing to place). Wrap the body of a
+    step function in it: the pins become part of the traced program, so the compiled step keeps
+    them whatever context it is later called from.
+    """
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    token = _ACTIVE_SHARDING.set(None if mesh is None or mesh.size == 1 else (mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` with its sharding pinned to the logical axis ``names`` (one per dimension) under the
+    active :func:`logical_sharding`; ``x`` unchanged when none is active. A dimension whose size
+    does not divide its mesh axes stays replicated (as for parameters)."""
+    active = _ACTIVE_SHARDING.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
 def _is_var(x: Any) -> bool:
@@ -371,6 +421,6 @@ class TunedJit:
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "CLUSTER_PROCESS_COUNT_VARS", "COORDINATOR_VARS",
            "cluster_detected", "initialize_distributed", "make_mesh", "mesh_from_spec", "describe_mesh",
-           "single_device_mesh", "logical_to_spec", "state_shardings", "shard_model", "batch_sharding",
-           "shard_batch", "replicated", "ONEDNN_MATMUL_OPTIONS", "ONEDNN_VERIFIED_JAXLIB", "cpu_compiler_options",
+           "single_device_mesh", "logical_to_spec", "logical_sharding", "constrain", "state_shardings",
+           "shard_model", "batch_sharding", "shard_batch", "replicated", "ONEDNN_MATMUL_OPTIONS", "ONEDNN_VERIFIED_JAXLIB", "cpu_compiler_options",
            "onednn_fusions_supported", "TunedJit"]

@@ -71,7 +71,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lmx.models import fused_next_token_nll
-from lmx.parallel import DEFAULT_RULES, TunedJit, shard_batch, single_device_mesh, state_shardings
+from lmx.parallel import (DEFAULT_RULES, TunedJit, logical_sharding, shard_batch, single_device_mesh,
+                          state_shardings)
 
 logger = logging.getLogger(__name__)
 
@@ -383,20 +384,34 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, mesh: Mes
     return graphdef, state, shardings_of(state)
 
 
+def _mesh_of(shardings: Any) -> Mesh | None:
+    """The mesh of the first named sharding in ``shardings`` (None when there is none)."""
+    for leaf in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        if isinstance(leaf, NamedSharding):
+            return leaf.mesh
+    return None
+
+
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     shardings: TrainState | None = None, donate: bool = True,
                     compiler_options: Mapping[str, Any] | None = None,
-                    schedule: optax.Schedule | None = None) -> Step:
+                    schedule: optax.Schedule | None = None,
+                    rules: Mapping[str, Any] = DEFAULT_RULES) -> Step:
     """The LM step: ``step(state, batch[accum, micro, ...], key) -> (state, metrics)``.
 
     ``state`` from :func:`init_state`; the loss and gradient are those of
     :func:`accumulate_grads` over the leading micro-batch axis, then one ``tx`` update.
     ``metrics``: ``loss`` (global token mean), ``n_scored``, ``grad_norm``, ``lr`` (when a
     ``schedule`` is given, at the step's count) and the loss function's own. Compiled by
-    :func:`compile_step` (``shardings``, ``donate``, ``compiler_options``).
+    :func:`compile_step` (``shardings``, ``donate``, ``compiler_options``). The model's
+    activations are pinned by ``rules`` on the mesh of ``shardings``
+    (:func:`lmx.parallel.logical_sharding`; batch over ``data`` x ``fsdp``, features whole).
     """
+    mesh = _mesh_of(shardings)
+
     def fn(state: TrainState, batch, key):
-        loss, grads, n, metrics = accumulate_grads(graphdef, state.aux, loss_fn, state.params, batch, key)
+        with logical_sharding(mesh, rules):
+            loss, grads, n, metrics = accumulate_grads(graphdef, state.aux, loss_fn, state.params, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         out = {"loss": loss, "n_scored": n, "grad_norm": optax.tree.norm(grads), **metrics}
         if schedule is not None:

@@ -6,8 +6,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lmx.models import ModelConfig, Transformer
-from lmx.parallel import (batch_sharding, cpu_compiler_options, logical_to_spec, make_mesh, shard_batch,
-                          shard_model, single_device_mesh, state_shardings)
+from lmx.parallel import (batch_sharding, constrain, cpu_compiler_options, logical_sharding, logical_to_spec,
+                          make_mesh, shard_batch, shard_model, single_device_mesh, state_shardings)
 from lmx.train import accumulate_grads, causal_lm_loss
 
 
@@ -109,3 +109,41 @@ def test_cluster_detection_and_single_process_initialize_is_a_noop(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert initialize_distributed() is False
     assert jax.process_count() == 1
+
+
+def _constraints(jaxpr) -> list:
+    """The sharding_constraint equations of a jaxpr, those of nested scans/jits/remats included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            found.append(eqn)
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _constraints(sub)
+    return found
+
+
+def test_constrain_pins_activations_only_inside_a_logical_sharding_context():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    names = ("activation_batch", "activation_length", "activation_mlp")
+    x = jnp.ones((8, 3, 6))
+    # outside a context (and on one device) the model's pins vanish from the program
+    assert not _constraints(jax.make_jaxpr(lambda a: constrain(a, names))(x).jaxpr)
+    with logical_sharding(single_device_mesh()):
+        assert not _constraints(jax.make_jaxpr(lambda a: constrain(a, names))(x).jaxpr)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    with logical_sharding(mesh):
+        (eqn,) = _constraints(jax.make_jaxpr(lambda a: constrain(a, names))(x).jaxpr)
+        # batch over data x fsdp, the MLP features over tensor; 5 features do not divide: replicated
+        assert eqn.params["sharding"].spec == P(("data", "fsdp"), None, "tensor")
+        (odd,) = _constraints(jax.make_jaxpr(lambda a: constrain(a, names))(jnp.ones((8, 3, 5))).jaxpr)
+        assert odd.params["sharding"].spec == P(("data", "fsdp"), None, None)
+        out = jax.jit(lambda a: constrain(a * 2, names))(x)
+    assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    np.testing.assert_array_equal(np.asarray(out), 2 * np.ones((8, 3, 6)))
+    with pytest.raises(TypeError, match="mesh must be"):
+        with logical_sharding("data=8"):
+            pass
