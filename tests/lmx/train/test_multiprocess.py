@@ -1,5 +1,6 @@
-"""A real multi-process run: two Python processes on 127.0.0.1 joined by ``jax.distributed``
-(CPU collectives over gloo), each feeding only its half of every batch, must end with the same
+"""A real multi-process run: two Python processes on 127.0.0.1, launched with the environment of a
+two-task SLURM job step and joined by ``lmx.parallel.initialize_distributed()`` without arguments
+(JAX's cluster auto-detection; CPU collectives over gloo), each feeding only its half of every batch, must end with the same
 parameters as one process holding the whole batch; a checkpoint written by the two processes
 resumes in one (and, resumed at step 2, ends where the uninterrupted run does).
 
@@ -21,14 +22,13 @@ import pytest
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
-    pid, nproc, port, ckpt, out = sys.argv[1:6]
+    pid, nproc, ckpt, out = sys.argv[1:5]
     pid, nproc = int(pid), int(nproc)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // nproc}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     from lmx.parallel import initialize_distributed, make_mesh
-    joined = initialize_distributed(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
-                                    process_id=pid) if nproc > 1 else initialize_distributed()
-    assert joined == (nproc > 1)
+    # no arguments: the processes join through JAX's cluster auto-detection (a SLURM-style launch)
+    assert initialize_distributed() == (nproc > 1)
     import jax
     import numpy as np
     from flax import nnx
@@ -84,18 +84,37 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# JAX's SLURM detection puts the coordinator on port 61440 + (SLURM_JOB_ID mod 4096) of the first node
+SLURM_PORT_BASE = 65535 - 2**12 + 1
+
+
+def _free_slurm_job_id() -> int:
+    for job_id in np.random.default_rng().permutation(2**12):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", SLURM_PORT_BASE + int(job_id)))
+            except OSError:
+                continue
+        return int(job_id)
+    raise RuntimeError("no free port in the SLURM coordinator range")
 
 
 def _run(tmp_path, nproc, *, ckpt="", tag):
+    """``nproc`` processes launched as a SLURM job step of ``nproc`` tasks on this host would be
+    (the variables ``srun`` sets), so ``initialize_distributed()`` finds the cluster on its own."""
     out = tmp_path / f"{tag}.json"
-    port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), str(nproc), port, ckpt, str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    job_id = _free_slurm_job_id()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_PLATFORMS") and not k.startswith("SLURM_")}
+
+    def task_env(pid):
+        if nproc == 1:
+            return env
+        return {**env, "SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "127.0.0.1",
+                "SLURM_NTASKS": str(nproc), "SLURM_PROCID": str(pid), "SLURM_LOCALID": str(pid)}
+
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), str(nproc), ckpt, str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=task_env(pid),
                               cwd=tmp_path) for pid in range(nproc)]
     try:
         results = [p.communicate(timeout=400) for p in procs]
