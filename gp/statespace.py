@@ -203,6 +203,33 @@ def _filter_lml_one_scan(q: int, x, y, lam, variance, noise, order):
     return _lml_from_sum(acc, x.shape[0])
 
 
+def _m32_inputs(x, lam):
+    """Transition entries of the Matérn-3/2 filter, ``a = e^{-z}(1 + z)``, ``b = e^{-z} z``,
+    ``d = e^{-z}(1 - z)`` with ``z_i = lam (x_i - x_{i-1})`` (vectorised, outside the loop)."""
+    z = lam * jnp.diff(x, prepend=x[:1])
+    e = jnp.exp(-z)
+    b = e * z
+    return e + b, b, e - b
+
+
+def _m32_update(carry, a, b, d, yi, variance, r):
+    """One Matérn-3/2 Kalman step on scalars (see :func:`_filter_lml_matern32`)."""
+    m0, m1, d00, d01, d11, acc = carry
+    mp0 = a * m0 + b * m1
+    mp1 = d * m1 - b * m0
+    t00, t01 = a * d00 + b * d01, a * d01 + b * d11
+    t10, t11 = d * d01 - b * d00, d * d11 - b * d01
+    p00 = a * t00 + b * t01
+    p01 = d * t01 - b * t00
+    p11 = d * t11 - b * t10
+    ph0 = p00 + variance
+    S = ph0 + r
+    k0, k1 = ph0 / S, p01 / S
+    v = yi - mp0
+    return (mp0 + k0 * v, mp1 + k1 * v, p00 - k0 * ph0, p01 - k0 * p01, p11 - k1 * p01,
+            acc + jnp.log(S) + v * v / S)
+
+
 def _filter_lml_matern32(x, y, lam, variance, noise):
     """Matérn-3/2 (q = 1) log-likelihood of value observations, the filter written on scalars.
 
@@ -214,36 +241,104 @@ def _filter_lml_matern32(x, y, lam, variance, noise):
     transition entries come in as three precomputed ``[n]`` arrays (``exp`` vectorised outside
     the loop), where the generic step carries ``[2, 2]`` arrays and an ``[n, 2, 2]``
     transition: measured 1.5-2.0x faster at n = 1e5 and 1e6 (2-core CPU VM under load, same
-    run). Value only: the forward-mode derivative pass (``_lml_jvp``) keeps the generic step,
-    which measured 1.4-1.7x faster than this one under ``vmap`` over the tangents (there every
-    scalar becomes a short vector).
+    run). Derivatives in the scalar hyperparameters: :func:`_filter_lml_matern32_jvp`.
     """
-    z = lam * jnp.diff(x, prepend=x[:1])
-    e = jnp.exp(-z)
-    b = e * z
     per_point = jnp.ndim(noise) == 1
 
     def step(carry, inp):
-        m0, m1, d00, d01, d11, acc = carry
         (a, b, d, yi), r = inp[:4], (inp[4] if per_point else noise)
-        mp0 = a * m0 + b * m1
-        mp1 = d * m1 - b * m0
-        t00, t01 = a * d00 + b * d01, a * d01 + b * d11
-        t10, t11 = d * d01 - b * d00, d * d11 - b * d01
-        p00 = a * t00 + b * t01
-        p01 = d * t01 - b * t00
-        p11 = d * t11 - b * t10
-        ph0 = p00 + variance
-        S = ph0 + r
-        k0, k1 = ph0 / S, p01 / S
-        v = yi - mp0
-        return (mp0 + k0 * v, mp1 + k1 * v, p00 - k0 * ph0, p01 - k0 * p01, p11 - k1 * p01,
-                acc + jnp.log(S) + v * v / S), None
+        return _m32_update(carry, a, b, d, yi, variance, r), None
 
     zero = jnp.zeros((), x.dtype)
-    xs = (e + b, b, e - b, y) + ((noise,) if per_point else ())
+    xs = _m32_inputs(x, lam) + (y,) + ((noise,) if per_point else ())
     (*_, acc), _ = jax.lax.scan(step, (zero,) * 6, xs)
     return _lml_from_sum(acc, x.shape[0])
+
+
+def _jvp_some(f, primals, tangents):
+    """``jax.jvp`` of ``f`` in the primals whose tangent is not ``None``, the others held fixed
+    (so no zero tangents enter the loop bodies)."""
+    idx = [i for i, t in enumerate(tangents) if t is not None]
+
+    def g(*moved):
+        full = list(primals)
+        for i, v in zip(idx, moved):
+            full[i] = v
+        return f(*full)
+
+    return jax.jvp(g, tuple(primals[i] for i in idx), tuple(tangents[i] for i in idx))
+
+
+def _filter_lml_matern32_jvp(x, y, lam, variance, noise, hyper):
+    """Value and gradient of :func:`_filter_lml_matern32` in the scalar hyperparameters named in
+    ``hyper`` (a subset of ``("lam", "variance", "noise")``; scalar ``noise``).
+
+    Forward mode on scalars, split into short loops: (1) the covariance recursion, emitting the
+    incoming ``D_{i-1}`` of every step; (2) the mean recursion and the likelihood sum, emitting
+    ``m_{i-1}``; then per hyperparameter ``theta`` (3) the tangent ``dD_i`` of the covariance
+    recursion and (4) the tangents of the mean and of the sum, each step the ``jax.jvp`` of the
+    value's own scalar step (:func:`_m32_update`) at the stored primal state, with only
+    ``theta``'s inputs perturbed (for ``lam`` the transition entries, whose derivatives
+    ``d(a, b, d)/d lam`` are vectorised outside the loops). The tangents are therefore exactly
+    the derivatives of the value's arithmetic.
+
+    Why split: XLA:CPU runs a ``while`` loop as one compiled kernel only when one iteration
+    accesses under ~1 kB (its small-while-loop hoisting); otherwise every fused op of the body
+    is launched per step. A loop carrying the primal state and three tangent copies is far over
+    that size (measured 700+ ms at n = 1e5); each of these loops is under it. At n = 1e5 and 1e6
+    this pass measured 4-7x faster than the vmapped generic step (2-core CPU VM under heavy
+    load, same run). Returns ``(lml, [len(hyper)] gradient)``.
+    """
+    (a, b, d), (da, db, dd) = jax.jvp(lambda l: _m32_inputs(x, l), (lam,), (jnp.ones_like(lam),))
+    zero = jnp.zeros((), x.dtype)
+
+    def cov_step(D, a, b, d, s2, r):
+        return _m32_update((zero, zero) + D + (zero,), a, b, d, zero, s2, r)[2:5]
+
+    def mean_step(m, D, a, b, d, yi, s2, r):
+        out = _m32_update(m[:2] + D + (m[2],), a, b, d, yi, s2, r)
+        return out[0], out[1], out[5]
+
+    def cov(D, inp):
+        return cov_step(D, *inp, variance, noise), D
+
+    def mean(m, inp):
+        return mean_step(m, inp[4:], *inp[:4], variance, noise), m[:2]
+
+    _, d_prev = jax.lax.scan(cov, (zero,) * 3, (a, b, d))
+    (_, _, acc), m_prev = jax.lax.scan(mean, (zero,) * 3, (a, b, d, y) + d_prev)
+
+    grads = []
+    for name in hyper:
+        lam_in = (da, db, dd) if name == "lam" else ()
+
+        def hyper_tangents(inp):
+            if name == "lam":
+                return inp[:3] + (None, None)
+            return (None,) * 3 + ((jnp.ones_like(variance), None) if name == "variance"
+                                  else (None, jnp.ones_like(noise)))
+
+        def cov_tan(t, inp):
+            k = len(lam_in)
+            (a, b, d), D = inp[:3], inp[3 + k:6 + k]
+            _, t_new = _jvp_some(cov_step, (D, a, b, d, variance, noise),
+                                 (t,) + hyper_tangents(inp[3:3 + k]))
+            return t_new, t
+
+        def mean_tan(t, inp):
+            k = len(lam_in)
+            (a, b, d), rest = inp[:3], inp[3 + k:]
+            yi, m, D, dD = rest[0], rest[1:3], rest[3:6], rest[6:9]
+            _, t_new = _jvp_some(lambda m, D, a, b, d, s2, r: mean_step(m, D, a, b, d, yi, s2, r),
+                                 (m + (zero,), D, a, b, d, variance, noise),
+                                 (t, dD) + hyper_tangents(inp[3:3 + k]))
+            return t_new, None
+
+        _, dd_prev = jax.lax.scan(cov_tan, (zero,) * 3, (a, b, d) + lam_in + d_prev)
+        (_, _, dacc), _ = jax.lax.scan(mean_tan, (zero,) * 3,
+                                       (a, b, d) + lam_in + (y,) + m_prev + d_prev + dd_prev)
+        grads.append(-0.5 * dacc)
+    return _lml_from_sum(acc, x.shape[0]), jnp.stack(grads)
 
 
 def _perturbed(tangent) -> bool:
@@ -257,7 +352,8 @@ def _lml(q, x, y, lam, variance, noise, order):
 
 def _lml_jvp(q, primals, tangents):
     """Scalar hyperparameters (``lam``, ``variance``, scalar ``noise``) get their derivatives
-    from one forward-mode pass with a basis tangent each (vmapped): the scan carries ``k``
+    from one forward-mode pass with a basis tangent each (vmapped; Matérn-3/2 value observations
+    with a scalar noise: :func:`_filter_lml_matern32_jvp`, on scalars): the scan carries ``k``
     tangent copies of the small state and stores nothing per step. Reverse mode through the scan
     would store every step's intermediates and run a second, backward scan (2-3x slower,
     measured). The rule is linear in the tangents (``J . dtheta``), so reverse mode transposes
@@ -279,7 +375,12 @@ def _lml_jvp(q, primals, tangents):
     if data:
         out, t_out = jax.jvp(lambda *d: f(**dict(zip(data, d))),
                              tuple(args[k] for k in data), tuple(tans[k] for k in data))
-    if hyper:
+    if hyper and q == 1 and order is None and jnp.ndim(args["noise"]) == 0:
+        val, jac = _filter_lml_matern32_jvp(args["x"], args["y"], args["lam"], args["variance"],
+                                            args["noise"], tuple(hyper))
+        out = val if out is None else out
+        t_out = t_out + sum(jac[i] * tans[k] for i, k in enumerate(hyper))
+    elif hyper:
         theta = jnp.stack([jnp.asarray(args[k], x.dtype) for k in hyper])
         g = lambda th: f(**{k: th[i] for i, k in enumerate(hyper)})
         val, jac = jax.vmap(lambda t: jax.jvp(g, (theta,), (t,)), out_axes=(None, 0))(
