@@ -154,7 +154,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                                 span_buckets=config["span_buckets"],
                                 prompt_buckets=config["prompt_buckets"],
                                 prefill_batch_buckets=config.get("prefill_batch_buckets"),
-                                prefill_tokens_per_step=config.get("prefill_tokens_per_step", 256))
+                                prefill_tokens_per_step=config.get("prefill_tokens_per_step", 256),
+                                prefix_reuse=bool(config.get("prefix_reuse", True)))
     load_s = time.perf_counter() - t0
     rows = []
     with ChatServer(backend, model_name=config["model"]) as srv:
@@ -169,9 +170,13 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             for c in clients:
                 log.info("serve bench: %d clients", c)
                 args = (srv.base_url, config["model"], c, config["rounds"], config["max_tokens"])
-                c0 = time.process_time()
+                c0, m = time.process_time(), srv.engine.metrics
+                p0, cached0 = m.prompt_tokens, m.prompt_tokens_cached
                 row = pool.submit(run_level, *args).result() if in_child else run_level(*args)
                 row["server_cpu_s"] = time.process_time() - c0  # + the clients when in this process
+                row["prompt_tokens"] = m.prompt_tokens - p0
+                row["prompt_tokens_cached"] = m.prompt_tokens_cached - cached0
+                row["load_avg_1min"] = os.getloadavg()[0]
                 row["cpu_s"] = row["server_cpu_s"] + (
                     row["client_process_cpu_s"] if in_child else 0.0)
                 row["tokens_per_cpu_s"] = row["completion_tokens"] / row["cpu_s"]

@@ -1,11 +1,12 @@
-"""Slot-wise KV-cache kernels for continuous batching: batched prefill and one decode step.
+"""Slot-wise KV-cache kernels for continuous batching: batched prefill / extend and one decode step.
 
 A serving engine keeps one KV cache of ``n_slots`` rows (``[L, n_slots, S_max, Hkv, hd]``); each
 running request owns one row (a *slot*) and its tokens sit at columns ``0 .. len-1`` of it, so a
-row's position id equals its column. Requests join (``prefill_slots`` writes prompts into free
-rows) and leave (the row is simply reused) between decode steps; ``decode_slots`` advances every
-row of the first ``batch`` slots by one token, attending to the first ``span`` columns only. Only
-``batch``, ``span`` and the prompt shape ``[P, T]`` are shapes (static); everything that varies
+row's position id equals its column. Requests join (``extend_slots`` writes prompts into free
+rows, optionally after a prefix copied from another row) and leave (the row is simply reused)
+between decode steps; ``decode_slots`` advances every row of the first ``batch`` slots by one
+token, attending to the first ``span`` columns only. Only
+``batch``, ``span`` and the chunk shape ``[P, T]`` are shapes (static); everything that varies
 per request -- temperature, top-k, top-p, PRNG key, token index -- is an array, so a warmed-up
 engine never recompiles whatever the request mix (continuous batching as in Yu et al. 2022, Orca,
 OSDI'22, "iteration-level scheduling"; slot-wise KV memory as in Kwon et al. 2023, vLLM,
@@ -113,24 +114,57 @@ def init_slot_cache(model: Transformer, n_slots: int, max_len: int):
     return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
 
 
-def prefill_slots(model: Transformer, cache_k, cache_v, tokens, lengths, slots, sampling,
-                  want_lp):
-    """Write ``P`` right-padded prompts into cache rows ``slots`` and sample each one's first token.
+def extend_slots(model: Transformer, cache_k, cache_v, tokens, starts, lengths, slots, sources,
+                 sampling, want_lp, *, span: int):
+    """Append ``P`` right-padded token chunks to cache rows and sample each row's next token.
 
-    One call prefills several joining requests at once (one ``[P, T]`` forward instead of ``P``
-    calls that each stream every weight matrix for ``T`` rows). tokens int32 [P, T] (row ``i``
-    real in ``[:lengths[i]]``); lengths, slots int32 [P] (distinct slots); ``sampling`` =
+    Row ``i`` takes the K/V of columns ``0 .. starts[i]-1`` from cache row ``sources[i]`` (a prefix
+    computed earlier: prefix caching as in Kwon et al. 2023, vLLM, arXiv:2309.06180, Sec. 4.4, here
+    copied row to row), then runs ``tokens[i, :lengths[i]]`` at positions ``starts[i] + j``: each
+    attends to those prefix columns and causally to the chunk, and its K/V go to columns
+    ``starts[i] + j`` of row ``slots[i]``. With ``starts = 0`` this is a plain batched prefill (one
+    ``[P, T]`` forward instead of ``P`` calls that each stream every weight matrix for ``T`` rows).
+
+    tokens int32 [P, T]; starts, lengths, slots, sources int32 [P] (``slots`` distinct,
+    ``starts[i] <= span``); ``span`` (static) the prefix columns read; ``sampling`` =
     (temperature, top_k, top_p, keys, streams, counters), each with a leading axis of P.
-    Returns (cache_k, cache_v, tokens [P], logprob [P], top ids [P, 20], top log-probs [P, 20]).
+    Padded chunk columns (``j >= lengths[i]``) are written too, past the row's valid columns
+    (dropped beyond the row's end). Returns (cache_k, cache_v, tokens [P], logprob [P], top ids
+    [P, 20], top log-probs [P, 20]).
     """
+    cfg = model.cfg
+    cdt = cfg.dtype_of_compute()
     P, T = tokens.shape
-    cols = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
-    h, (k, v) = model.forward(tokens, cols < lengths[:, None], cols, collect_kv=True)
-    # k, v [L, P, T, Hkv, hd] -> columns 0..T-1 of rows ``slots`` (a scatter, in place: the
+    cols = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    # the prefix blocks [L, P, span, Hkv, hd] (read before any write: ``sources`` may be rows that
+    # this call overwrites) go to the new rows first
+    pk, pv = cache_k[:, sources, :span], cache_v[:, sources, :span]
+    cache_k = cache_k.at[:, slots, :span].set(pk)
+    cache_v = cache_v.at[:, slots, :span].set(pv)
+    in_prefix = jnp.arange(span, dtype=jnp.int32)[None, None] < starts[:, None, None]
+    causal = jnp.tril(jnp.ones((T, T), bool))[None] & (
+        jnp.arange(T, dtype=jnp.int32)[None, None] < lengths[:, None, None])
+    allowed = jnp.concatenate([jnp.broadcast_to(in_prefix, (P, T, span)), causal], axis=-1)
+    x = model.embed_tokens(tokens, cols, cdt)
+    cos, sin = tr.rope_tables(cols, cfg.hd, cfg.rope_theta)
+
+    def layer(x, xs):
+        p, ck, cv = xs
+        h = tr._norm(cfg, x, p, "attn_norm")
+        q, k, v = tr._qkv(cfg, h, p, cos, sin)
+        o = tr._attend(cfg, q, jnp.concatenate([ck.astype(cdt), k], axis=1),
+                       jnp.concatenate([cv.astype(cdt), v], axis=1), allowed)
+        x = x + tr._attn_out(cfg, o, p)
+        x = x + tr._mlp(cfg, tr._norm(cfg, x, p, "mlp_norm"), p)
+        return x, (k, v)
+
+    x, (k, v) = jax.lax.scan(layer, x, (model.layer_params(cdt), pk, pv))
+    # k, v [L, P, T, Hkv, hd] -> columns starts[i] + j of rows ``slots`` (a scatter, in place: the
     # caches are donated)
-    cache_k = cache_k.at[:, slots, :T].set(k.astype(cache_k.dtype))
-    cache_v = cache_v.at[:, slots, :T].set(v.astype(cache_v.dtype))
-    last = h[jnp.arange(P), lengths - 1]
+    rows = jnp.broadcast_to(slots[:, None], (P, T))
+    cache_k = cache_k.at[:, rows, cols].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[:, rows, cols].set(v.astype(cache_v.dtype), mode="drop")
+    last = model.final_hidden(x)[jnp.arange(P), lengths - 1]
     logits = model.logits_from_hidden(last)
     tok = sample_rows(logits, *sampling)
     return (cache_k, cache_v, tok) + token_logprobs(logits, tok, want_lp)
@@ -185,8 +219,10 @@ def decode_slots(model: Transformer, cache_k, cache_v, tokens, positions, sampli
 
     tokens/positions int32 [batch]: the last sampled token of each row and its position (= the
     number of tokens already cached for that row); rows attend to cache columns ``< position``
-    within the first ``span`` columns, and the new K/V go to column ``position``. Idle rows carry
-    position 0 and write column 0 of their own free row. Returns like :func:`prefill_slots`.
+    within the first ``span`` columns, and the new K/V go to column ``position``. Idle rows write
+    column ``position`` of their own free row (the engine gives them the first column past the
+    row's valid K/V, so a freed row keeps its prefix for reuse). Returns like
+    :func:`extend_slots`.
     """
     logits, nk, nv = _decode_layers(model, tokens, positions, cache_k, cache_v, batch, span)
     rows = jnp.arange(batch, dtype=jnp.int32)

@@ -343,6 +343,9 @@ class ServeApp:
                "Generated tokens per second over the last 10 s.", round(m.tokens_per_second(), 3))
         metric("lmx_generation_tokens_total", "counter", "Generated tokens.", m.generation_tokens)
         metric("lmx_prompt_tokens_total", "counter", "Prefilled prompt tokens.", m.prompt_tokens)
+        metric("lmx_prompt_tokens_cached_total", "counter",
+               "Prompt tokens whose K/V were copied from a cached prefix instead of computed.",
+               m.prompt_tokens_cached)
         metric("lmx_engine_compiles_total", "counter", "Compiled kernel variants.",
                self.engine.compile_count())
         lines += ["# HELP lmx_requests_finished_total Finished requests by finish reason.",

@@ -290,6 +290,7 @@ class Metrics:
         self.ttft_sum = 0.0
         self.decode_steps = 0
         self.prefills = 0
+        self.prompt_tokens_cached = 0  # prompt tokens whose K/V were copied from a cached row
         self._recent: collections.deque = collections.deque()  # (time, tokens) of the last 10 s
 
     def add_tokens(self, n: int) -> None:
@@ -348,6 +349,7 @@ class Engine:
                  prompt_buckets: Sequence[int] | None = None,
                  prefill_tokens_per_step: int = 256,
                  prefill_batch_buckets: Sequence[int] | None = None,
+                 prefix_reuse: bool = True,
                  stop_token_ids: Sequence[int] = (),
                  decode: Callable[[list[int]], str] | None = None):
         import jax
@@ -393,16 +395,17 @@ class Engine:
         graphdef, state = nnx.split(model)
         self._state = state
 
-        def prefill(state, ck, cv, tokens, lengths, slots, sampling, want):
-            return slot_decode.prefill_slots(nnx.merge(graphdef, state), ck, cv, tokens, lengths,
-                                             slots, sampling, want)
+        def prefill(state, ck, cv, tokens, starts, lengths, slots, sources, sampling, want, *,
+                    span):
+            return slot_decode.extend_slots(nnx.merge(graphdef, state), ck, cv, tokens, starts,
+                                            lengths, slots, sources, sampling, want, span=span)
 
         def decode(state, ck, cv, tokens, positions, sampling, want, *, batch, span):
             return slot_decode.decode_slots(nnx.merge(graphdef, state), ck, cv, tokens, positions,
                                             sampling, want, batch=batch, span=span)
 
         # the caches are donated: XLA updates them in place instead of copying S_max columns
-        self._prefill = jax.jit(prefill, donate_argnums=(1, 2))
+        self._prefill = jax.jit(prefill, donate_argnums=(1, 2), static_argnames=("span",))
         self._decode_step = jax.jit(decode, donate_argnums=(1, 2),
                                     static_argnames=("batch", "span"))
         self._new_cache = lambda: slot_decode.init_slot_cache(model, n_slots, max_len)
@@ -417,6 +420,17 @@ class Engine:
         heapq.heapify(self._free)
         self._tok = np.zeros(n_slots, np.int32)
         self._pos = np.zeros(n_slots, np.int32)
+        # the tokens whose K/V each cache row holds: running rows and freed ones (a freed row
+        # keeps its K/V until reused, idle rows of a decode step write past it), so joining
+        # requests can copy a shared prefix instead of recomputing it
+        if not isinstance(prefix_reuse, bool):
+            raise TypeError(f"prefix_reuse must be a bool, got {prefix_reuse!r}")
+        self.prefix_reuse = prefix_reuse
+        #: at most this many leading prompt tokens are taken from a cached row (the smallest span
+        #: bucket: the prefill kernel reads that many prefix columns, one shape per chunk shape)
+        self.prefix_span = self.span_buckets[0]
+        self._row_ids = np.zeros((n_slots, max_len), np.int32)
+        self._row_len = np.zeros(n_slots, np.int32)
         self._thread: threading.Thread | None = None
         self._running = False
         self.warm = False
@@ -466,12 +480,14 @@ class Engine:
         # log-probs and sampling are lax.cond branches of the same programs: one call per shape
         for T, sizes in self.prefill_shapes.items():
             for P in sizes:
-                self._run_prefill(np.zeros((P, T), np.int32), np.ones(P, np.int32),
-                                  np.arange(P, dtype=np.int32), self._sampling_rows([None] * P),
-                                  False)
+                rows = np.arange(P, dtype=np.int32)
+                self._run_prefill(np.zeros((P, T), np.int32), np.zeros(P, np.int32),
+                                  np.ones(P, np.int32), rows, rows,
+                                  self._sampling_rows([None] * P), False)
         for B in self.batch_buckets:
             for S in self.span_buckets:
                 self._run_decode(B, S, self._sampling_rows([None] * B), False)
+        self._forget_rows()  # the warm-up calls wrote junk K/V
         self.warm = True
         log.info("engine warm-up: %d variants compiled in %.1f s", self.compile_count(),
                  time.perf_counter() - t0)
@@ -519,10 +535,10 @@ class Engine:
             streams[i], counters[i] = r.stream, counter
         return temp, top_k, top_p, keys, streams, counters
 
-    def _run_prefill(self, tokens: np.ndarray, lengths: np.ndarray, slots: np.ndarray, sampling,
-                     want: bool):
-        out = self._prefill(self._state, self._ck, self._cv, tokens, lengths, slots, sampling,
-                            np.bool_(want))
+    def _run_prefill(self, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                     slots: np.ndarray, sources: np.ndarray, sampling, want: bool):
+        out = self._prefill(self._state, self._ck, self._cv, tokens, starts, lengths, slots,
+                            sources, sampling, np.bool_(want), span=self.prefix_span)
         self._ck, self._cv = out[0], out[1]
         return [np.asarray(x) for x in out[2:]]
 
@@ -562,6 +578,7 @@ class Engine:
                 self._fail_all(f"{type(e).__name__}: {e}")
                 # a failed call may have consumed the donated cache buffers: start from fresh ones
                 self._ck, self._cv = self._new_cache()
+                self._forget_rows()
         self._fail_all("engine stopped")
 
     def _fail_all(self, msg: str) -> None:
@@ -574,11 +591,20 @@ class Engine:
         for s in waiting:
             s._emit(Event(finish_reason="error", error=msg))
         self.metrics.queue_length = 0
+        # slots taken by requests that never reached their prefill are free again too
+        self._free = [i for i, e in enumerate(self._slots) if e is None]
+        heapq.heapify(self._free)
+
+    def _forget_rows(self) -> None:
+        self._row_len[:] = 0
+        self._pos[:] = 0
 
     def _release(self, slot: int) -> None:
         self._slots[slot] = None
         self._tok[slot] = 0
-        self._pos[slot] = 0
+        # the idle row's decode writes go to the first column past its valid K/V
+        n = min(int(self._row_len[slot]), self.max_len - 1)
+        self._row_len[slot] = self._pos[slot] = n
         heapq.heappush(self._free, slot)
         self.metrics.running -= 1
 
@@ -595,9 +621,9 @@ class Engine:
                 entry[0]._emit(Event(finish_reason="cancelled", prompt_tokens=len(det.req.prompt),
                                      completion_tokens=det.n_generated))
         budget = self.prefill_tokens_per_step
-        joining: dict[int, list[Stream]] = {}  # prompt bucket -> streams, in arrival order
+        joins: list[tuple[Stream, int]] = []  # (stream, its slot), in arrival order
         n_join = 0
-        while n_join < len(self._free):
+        while self._free:
             with self._cv_lock:
                 if not self._waiting:
                     break
@@ -613,7 +639,15 @@ class Engine:
                 continue
             budget -= n
             n_join += 1
-            joining.setdefault(next(b for b in self.prompt_buckets if b >= n), []).append(s)
+            joins.append((s, heapq.heappop(self._free)))
+        # chunk bucket -> [(stream, slot, prefix length, source row)], in arrival order
+        joining: dict[int, list[tuple[Stream, int, int, int]]] = {}
+        targets = {slot for _, slot in joins}
+        for s, slot in joins:
+            start, src = self._cached_prefix(s.request.prompt, slot, targets)
+            n = len(s.request.prompt) - start
+            joining.setdefault(next(b for b in self.prompt_buckets if b >= n), []).append(
+                (s, slot, start, src))
         for T, group in joining.items():
             sizes = self.prefill_shapes[T]
             while group:
@@ -623,25 +657,52 @@ class Engine:
         if m.running > 0:
             self._decode_running()
 
-    def _admit(self, T: int, group: list[Stream]) -> None:
-        """Prefill ``group`` (prompts of bucket ``T``) in one call into the lowest free slots."""
+    def _cached_prefix(self, prompt: Sequence[int], slot: int, targets: set[int]) -> tuple[int, int]:
+        """(length, source row) of the longest cached prefix of ``prompt`` to reuse in ``slot``.
+
+        Sources: any row whose K/V stay unchanged during this iteration's prefill calls (rows
+        joining now are overwritten, in an order the grouping decides), and ``slot`` itself. At
+        least one prompt token is left to compute (its logits give the first reply token), and
+        at most :attr:`prefix_span` are reused.
+        """
+        m = min(len(prompt) - 1, self.prefix_span)
+        if not self.prefix_reuse or m < 1:
+            return 0, slot
+        rows = np.array([r for r in range(self.n_slots) if r == slot or r not in targets])
+        head = np.asarray(prompt[:m], np.int32)
+        same = (self._row_ids[rows, :m] == head) & (np.arange(m) < self._row_len[rows, None])
+        lcp = np.cumprod(same, axis=1).sum(axis=1)
+        best = int(lcp.max())
+        if best == 0:
+            return 0, slot
+        own = np.flatnonzero(rows == slot)[0]  # on a tie, the row itself: nothing to copy
+        return best, int(slot if lcp[own] == best else rows[int(np.argmax(lcp))])
+
+    def _admit(self, T: int, group: list[tuple[Stream, int, int, int]]) -> None:
+        """Prefill ``group`` ((stream, slot, cached prefix length, its source row); prompt
+        suffixes of bucket ``T``) in one call."""
         P = len(group)
-        slots = np.array([heapq.heappop(self._free) for _ in group], np.int32)
+        slots = np.array([g[1] for g in group], np.int32)
+        starts = np.array([g[2] for g in group], np.int32)
+        sources = np.array([g[3] for g in group], np.int32)
         tokens = np.zeros((P, T), np.int32)
         lengths = np.zeros(P, np.int32)
-        for i, s in enumerate(group):
-            lengths[i] = len(s.request.prompt)
-            tokens[i, :lengths[i]] = s.request.prompt
-        want = any(s.request.top_logprobs is not None for s in group)
-        tok, lp, ids, lps = self._run_prefill(tokens, lengths, slots,
-                                              self._sampling_rows([(s.request, 0) for s in group]),
-                                              want)
+        for i, (s, _, start, _) in enumerate(group):
+            lengths[i] = len(s.request.prompt) - start
+            tokens[i, :lengths[i]] = s.request.prompt[start:]
+        want = any(s.request.top_logprobs is not None for s, *_ in group)
+        tok, lp, ids, lps = self._run_prefill(
+            tokens, starts, lengths, slots, sources,
+            self._sampling_rows([(s.request, 0) for s, *_ in group]), want)
         self.metrics.prefills += 1
-        for i, (s, slot) in enumerate(zip(group, slots.tolist())):
-            n, t = int(lengths[i]), int(tok[i])
+        for i, (s, slot, start, _) in enumerate(group):
+            n, t = len(s.request.prompt), int(tok[i])
             self.metrics.prompt_tokens += n
+            self.metrics.prompt_tokens_cached += start
             self.metrics.running += 1
             self._slots[slot] = (s, _Detok(s, self._decode, self.stop_ids))
+            self._row_ids[slot, :n] = s.request.prompt
+            self._row_len[slot] = n
             self._tok[slot], self._pos[slot] = t, n
             self._push(slot, t, self._lp_entry(s.request, t, lp[i], ids[i], lps[i]))
             if s.t_first is not None:
@@ -666,6 +727,8 @@ class Engine:
             want |= det.req.top_logprobs is not None
         toks, lp, ids, lps = self._run_decode(B, S, self._sampling_rows(rows), want)
         self.metrics.decode_steps += 1
+        self._row_ids[active, self._pos[active]] = self._tok[active]  # the K/V just written
+        self._row_len[active] += 1
         for i in active:
             det = self._slots[i][1]
             t = int(toks[i])
