@@ -22,7 +22,10 @@ weights      GraNet: global magnitude masks on every >=2-D     structured: FFN h
 
 Sparsity ``s`` on an axis means: token keep ratio ``1 - s``; head density ``1 - s``; drop-path /
 layer-drop probability ``s`` and (clean export) ``round(s L)`` layers removed; final weight
-density ``1 - s``. Host-side state lives in numpy; device-side masks are :class:`Gates`.
+density ``1 - s``. The scores an event ranks are jax functions (computed by
+``graphs.train.make_event_scores`` inside one jitted function over the global batch); the
+decisions over them (top-k, thresholds, death/regrowth) are numpy; device-side masks are
+:class:`Gates`.
 """
 from __future__ import annotations
 
@@ -191,16 +194,17 @@ def density(masks, params) -> float:
 # Structured FFN units (clean weights)
 # ----------------------------------------------------------------------------------------------
 
-def ffn_unit_scores(model: GraphModel) -> np.ndarray:
+def ffn_unit_scores(model: GraphModel) -> jax.Array:
     """Group magnitude of every FFN hidden unit ``u``: ``sqrt(||W1[:, u]||^2 + b1_u^2 +
-    ||W2[u, :]||^2)``; float32 ``[L, F]``."""
+    ||W2[u, :]||^2)``; float32 ``[L, F]``. jax ops, so a pruning event computes it inside its
+    jitted score function (:func:`graphs.train.make_event_scores`)."""
     rows = []
     for layer in model.layers:
-        w1 = np.asarray(layer.ffn.w1.kernel[...])
-        b1 = np.asarray(layer.ffn.w1.bias[...])
-        w2 = np.asarray(layer.ffn.w2.kernel[...])
-        rows.append(np.sqrt((w1 ** 2).sum(0) + b1 ** 2 + (w2 ** 2).sum(1)))
-    return np.stack(rows).astype(np.float32)
+        w1 = layer.ffn.w1.kernel[...]
+        b1 = layer.ffn.w1.bias[...]
+        w2 = layer.ffn.w2.kernel[...]
+        rows.append(jnp.sqrt((w1 ** 2).sum(0) + b1 ** 2 + (w2 ** 2).sum(1)))
+    return jnp.stack(rows).astype(jnp.float32)
 
 
 def structured_unit_masks(scores: np.ndarray, current: np.ndarray, density: float) -> np.ndarray:
@@ -276,21 +280,24 @@ def make_probes(model: GraphModel, batch, n_heads: int):
     return [(jnp.ones((B, n_heads)), jnp.zeros((B, T, d))) for _ in range(model.cfg.n_layers)]
 
 
-def probe_importance(probe_grads, graph_mask, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Official-code head scores from probe gradients:
+def probe_importance(probe_grads, graph_mask, n_heads: int) -> tuple[jax.Array, jax.Array]:
+    """Official-code head scores from probe gradients, averaged over the real graphs ``b``:
     ``score_h = mean_b |sum_{n,c in h} o dL/do|`` (= the mul gradient) and
-    ``gnorm_h = mean_b sum_{n,c in h} |dL/do|`` (from the add gradient)."""
-    gm = np.asarray(graph_mask, np.float32)
-    nb = max(gm.sum(), 1.0)
+    ``gnorm_h = mean_b sum_{n,c in h} |dL/do|`` (from the add gradient); ``[L, H]`` each.
+
+    ``probe_grads``: per layer ``(dL/dmul [..., H], dL/dadd [..., T, d])`` with the leading
+    batch dims of ``graph_mask`` (e.g. ``[D, B]`` for a stack of ``D`` padded batches). jax ops:
+    inside a jitted function over a sharded stack the means are reductions across the mesh, so
+    every device (and process) gets the same scores."""
+    gm = jnp.asarray(graph_mask, jnp.float32).reshape(-1)
+    nb = jnp.maximum(gm.sum(), 1.0)
     score, gnorm = [], []
     for gmul, gadd in probe_grads:
-        gmul = np.asarray(gmul)
-        gadd = np.asarray(gadd)
-        B, T, d = gadd.shape
-        score.append((np.abs(gmul) * gm[:, None]).sum(0) / nb)
-        blk = np.abs(gadd).reshape(B, T, n_heads, d // n_heads).sum((1, 3))
+        T, d = gadd.shape[-2:]
+        blk = jnp.abs(gadd).reshape(-1, T, n_heads, d // n_heads).sum((1, 3))
+        score.append((jnp.abs(gmul).reshape(-1, n_heads) * gm[:, None]).sum(0) / nb)
         gnorm.append((blk * gm[:, None]).sum(0) / nb)
-    return np.stack(score), np.stack(gnorm)
+    return jnp.stack(score), jnp.stack(gnorm)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ A step sees a stack of ``D`` equally-shaped padded batches whose leading axis is
 mesh's ``data`` x ``fsdp`` axes; parameters, optimizer state and masks are replicated (the graph
 models are small). The loss is the SUM over the stack divided by the GLOBAL count of labelled
 (graph, task) pairs, so D shards of one stack give the same gradient as one device holding it.
+A pruning event's scores come from one jitted function over that global stack with replicated
+outputs (:func:`make_event_scores`), so in a multi-process run, where each process feeds only
+its block of the stack, every process ranks the same scores and reaches the same masks.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from graphs import metrics
 from graphs.data import GraphBatch, GraphDataset, bucket_budgets, make_batches, stack_batches
 from graphs.models import Gates, GraphModel
 from graphs.parallel import check_stack, data_mesh, data_parallel_size, replicated, shard_batch
+from lmx.parallel import shard_batch as _shard_rows
 from lmx.train import RunConfig, Step, TrainState, compile_step, place_state, run
 
 
@@ -166,18 +170,82 @@ def _compiled_step(graphdef, tx, task: str, mode: str, double_step: bool) -> Ste
     return compile_step(step, compiler_options={})
 
 
+EVENT_SCORES = ("head", "probe", "granet", "units")
+
+
 @functools.lru_cache(maxsize=64)
-def make_event_grads(graphdef, task: str, mode: str):
-    """Jitted gradients used at GTSP events: w.r.t. effective weights (dense; GraNet regrowth),
-    gates (clean Taylor importance) and probes (the official GTSP code's faithful head
-    importance)."""
+def make_event_scores(graphdef, task: str, mode: str, kinds: tuple, mesh: Mesh):
+    """One jitted function ``scores(params, rest, masks, gates, batch, rng) -> dict`` giving what
+    a GTSP pruning event ranks, computed over the GLOBAL stacked batch (``batch`` sharded over
+    ``mesh``'s ``data`` x ``fsdp``; train mode, the loss of the training step) with every output
+    replicated on ``mesh``. Sums over batch rows are reductions across the mesh inside the jit,
+    so every device and every process of a multi-process run gets the same scores, and the
+    host-side decisions over them (top-k, death/regrowth) agree everywhere.
 
-    def fn(params, rest, masks, gates, batch, rng, probes, train):
+    ``kinds`` (a subset of :data:`EVENT_SCORES`) selects the outputs:
+
+    * ``"head"``: clean Taylor importance ``|dL/dg_h|`` ``[L, H]`` (gradient w.r.t. the head gates);
+    * ``"probe"``: the official GTSP code's faithful head scores ``probe_score`` and
+      ``probe_gnorm`` ``[L, H]`` (:func:`graphs.gtsp.probe_importance`, zero-effect probes on the
+      attention output, averaged over the real graphs of the whole stack);
+    * ``"granet"``: ``magnitude`` ``|w ⊙ m|`` and ``regrow`` ``|dL/d(w ⊙ m)|`` (pytrees like the
+      params; GraNet, Liu et al. 2021, arXiv:2106.10404, Sec. 3: magnitude pruning and gradient
+      regrowth);
+    * ``"units"``: FFN unit group magnitudes ``[L, F]`` (:func:`graphs.gtsp.ffn_unit_scores`).
+    """
+    unknown = set(kinds) - set(EVENT_SCORES)
+    if unknown:
+        raise ValueError(f"kinds must be a subset of {EVENT_SCORES}, got {kinds!r}")
+
+    def fn(params, rest, masks, gates, batch, rng):
         eff = G.apply_masks(params, masks)
-        return jax.grad(lambda e, g, p: _loss(graphdef, rest, task, mode, train, e, g, batch,
-                                              rng, p), argnums=(0, 1, 2))(eff, gates, probes)
+        out = {}
+        if "units" in kinds:
+            out["units"] = G.ffn_unit_scores(nnx.merge(graphdef, params, rest))
+        if not set(kinds) & {"head", "probe", "granet"}:
+            return out
+        probes = None
+        if "probe" in kinds:
+            # probes are shapes only: ones/zeros for one padded batch, broadcast over the stack
+            one = G.make_probes(nnx.merge(graphdef, params, rest),
+                                jax.tree.map(lambda x: x[0], batch), gates.head.shape[1])
+            D = batch.graph_mask.shape[0]
+            probes = jax.tree.map(lambda x: jnp.broadcast_to(x, (D,) + x.shape), one)
+        g_eff, g_gates, g_probes = jax.grad(
+            lambda e, g, p: _loss(graphdef, rest, task, mode, True, e, g, batch, rng, p),
+            argnums=(0, 1, 2))(eff, gates, probes)
+        if "head" in kinds:
+            out["head"] = jnp.abs(g_gates.head)
+        if "probe" in kinds:
+            out["probe_score"], out["probe_gnorm"] = G.probe_importance(
+                g_probes, batch.graph_mask, gates.head.shape[1])
+        if "granet" in kinds:
+            out["magnitude"] = jax.tree.map(jnp.abs, eff)
+            out["regrow"] = jax.tree.map(jnp.abs, g_eff)
+        return out
 
-    return jax.jit(fn, static_argnames=("train",))
+    return jax.jit(fn, out_shardings=replicated(mesh))
+
+
+@functools.lru_cache(maxsize=64)
+def make_layer_scores(graphdef, task: str, mode: str, mesh: Mesh):
+    """Jitted ``scores(params, rest, gates, batch, ids) -> [L]``: ``sum_b |dL_b/dg_l|`` over the
+    padded batches ``b`` of a stack sharded over ``mesh`` (eval mode, ``L_b`` the mean loss of
+    batch ``b`` alone, its key ``jax.random.key(ids[b])``), summed across the mesh inside the
+    jit and replicated, so every process gets the same layer importance. Label-free filler
+    batches have zero loss and add nothing."""
+
+    def one(params, rest, gates, b, i):
+        stack = jax.tree.map(lambda x: x[None], b)
+        g = jax.grad(lambda gt: _loss(graphdef, rest, task, mode, False, params, gt, stack,
+                                      jax.random.key(i)))(gates)
+        return jnp.abs(g.layer)
+
+    def fn(params, rest, gates, batch, ids):
+        return jax.vmap(one, in_axes=(None, None, None, 0, 0))(params, rest, gates, batch,
+                                                                ids).sum(0)
+
+    return jax.jit(fn, out_shardings=replicated(mesh))
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,8 +270,9 @@ class GTSPSteps:
       ``lmx.train.Step``: the state is donated, ``state.step`` advances) on a stacked batch
       placed by ``shard(batch)``; ``metrics`` = ``{"loss", "grad_norm"}`` (device scalars).
     * ``is_event(step) -> bool`` and ``prune(state, batch, key) -> state``: the GTSP pruning
-      event due at ``state.step`` (head and weight axes; host-side, between steps, on the batch
-      of that step). Tokens (keep ratio, learned scorer) and layers (drop path / layer drop) act
+      event due at ``state.step`` (head and weight axes; between steps, on the batch of that
+      step: scores by :func:`make_event_scores` over the global batch, top-k decisions on the
+      host from those replicated scores). Tokens (keep ratio, learned scorer) and layers (drop path / layer drop) act
       inside every step; clean layer removal is chosen once at the end (``result``).
     * ``result(state, model, ds, train_idx) -> FitResult``: writes the trained (masked) weights
       into ``model`` and picks the layers to remove (clean mode, Taylor importance).
@@ -259,12 +328,29 @@ class GTSPSteps:
     def gates(self, state: TrainState) -> Gates:
         return state_gates(state)
 
+    def event_scores(self, state: TrainState, batch: GraphBatch, key: jax.Array) -> dict:
+        """What the event ranks (:func:`make_event_scores`; ``"head"`` or ``"probe"`` for heads,
+        ``"granet"`` or ``"units"`` for weights), on the global ``batch`` with ``key``, every
+        value replicated on the mesh."""
+        g = self.gcfg
+        attention = nnx.merge(self.graphdef, state.params, state.aux).cfg.attention
+        kinds = []
+        if g.head > 0:
+            # the official probes sit on the dense attention output; segment attention ranks
+            # heads by their gate gradient instead
+            kinds.append("probe" if g.mode == "faithful" and attention == "dense" else "head")
+        if g.weight > 0:
+            kinds.append("granet" if g.mode == "faithful" else "units")
+        fn = make_event_scores(self.graphdef, self.task, g.mode, tuple(kinds), self.mesh)
+        return fn(state.params, state.aux, state.extra.masks, state_gates(state), batch, key)
+
     def prune(self, state: TrainState, batch: GraphBatch, key: jax.Array) -> TrainState:
         """The GTSP event at ``state.step`` (k-th of ``len(events)``): heads (faithful:
         death/regrowth by the official probe scores; clean: keep the top ``cubic_density(k)``
         by ``|dL/dg_h|``) and weights (faithful: GraNet magnitude pruning + death/gradient
         regrowth, pruned and regrown weights zeroed; clean: structured FFN units by group
-        magnitude, cubic schedule). Gradients are taken on ``batch`` with ``key`` (train mode).
+        magnitude, cubic schedule). Scores come from :meth:`event_scores` on the global ``batch``
+        with ``key`` (train mode), the same on every process.
 
         Raises ValueError when no event is due at ``state.step``.
         """
@@ -272,45 +358,35 @@ class GTSPSteps:
         if step not in self.events:
             raise ValueError(f"no GTSP event at step {step}; events are at steps {self.events}")
         k = self.events.index(step) + 1
-        model = nnx.merge(self.graphdef, state.params, state.aux)
-        mcfg = model.cfg
-        H = mcfg.n_heads
         head_mask = np.asarray(state.extra.head_mask)
         units = np.asarray(state.extra.ffn_units)
         params, masks = state.params, state.extra.masks
-        probes = None
-        if g.mode == "faithful" and g.head > 0 and mcfg.attention == "dense":
-            one = G.make_probes(model, jax.tree.map(lambda x: x[0], batch), H)
-            D = batch.graph_mask.shape[0]
-            probes = jax.tree.map(lambda x: jnp.broadcast_to(x, (D,) + x.shape), one)
-        grad_fn = make_event_grads(self.graphdef, self.task, g.mode)
-        g_eff, g_gates, g_probes = grad_fn(params, state.aux, masks, state_gates(state), batch,
-                                           key, probes, True)
+        # every score comes from one jitted function over the global batch, replicated on the
+        # mesh: the numpy decisions below see the same values on every process
+        sc = self.event_scores(state, batch, key)
         if g.head > 0:
             if g.mode == "faithful":
-                if probes is not None:
-                    gm = np.asarray(batch.graph_mask).reshape(-1)
-                    flat = [(np.asarray(a).reshape(-1, a.shape[-1]),
-                             np.asarray(b).reshape((-1,) + b.shape[2:])) for a, b in g_probes]
-                    score, gnorm = G.probe_importance(flat, gm, H)
+                if "probe_score" in sc:
+                    score, gnorm = np.asarray(sc["probe_score"]), np.asarray(sc["probe_gnorm"])
                 else:
-                    score = gnorm = np.abs(np.asarray(g_gates.head))
+                    score = gnorm = np.asarray(sc["head"])
                 head_mask = G.head_death_regrowth(head_mask, score, gnorm, g.head_death)
             else:
-                score = np.abs(np.asarray(g_gates.head))
                 dens = G.cubic_density(k, len(self.events), 1.0 - g.head)
-                head_mask = G.progressive_heads(head_mask, score, dens)
+                head_mask = G.progressive_heads(head_mask, np.asarray(sc["head"]), dens)
         if g.weight > 0:
             dens = G.cubic_density(k, len(self.events), 1.0 - g.weight)
             if g.mode == "faithful":
-                cur = jax.device_get(G.apply_masks(params, masks))
-                masks = G.global_magnitude_masks(cur, masks, dens)
+                mag = jax.device_get(sc["magnitude"])
+                masks = G.global_magnitude_masks(mag, masks, dens)
                 rate = G.cosine_death_rate(step, self.cfg.steps, g.death_rate)
-                masks, grown = G.death_regrowth(cur, masks, jax.device_get(g_eff), rate)
-                # pruned and regrown weights start at zero (the official code zeroes them too)
-                params = jax.tree.map(lambda p, m, r: p * m * (1 - r), params, masks, grown)
+                masks, grown = G.death_regrowth(mag, masks, jax.device_get(sc["regrow"]), rate)
+                # pruned and regrown weights start at zero (the official code zeroes them too);
+                # m and r are 0/1, so the host product is exact
+                params = jax.tree.map(lambda p, m, r: np.asarray(p) * np.asarray(m)
+                                      * (1 - np.asarray(r)), params, masks, grown)
             else:
-                units = G.structured_unit_masks(G.ffn_unit_scores(model), units, dens)
+                units = G.structured_unit_masks(np.asarray(sc["units"]), units, dens)
         extra = state.extra.replace(masks=masks, head_mask=jnp.asarray(head_mask, jnp.float32),
                                     ffn_units=jnp.asarray(units, jnp.float32))
         return self._place(state.replace(params=params, extra=extra))
@@ -322,7 +398,8 @@ class GTSPSteps:
         L = model.cfg.n_layers
         layer_keep = np.ones(L, np.float32)
         if self.gcfg.mode == "clean" and self.gcfg.layer > 0:
-            imp = layer_importance(model, ds, train_idx, self.cfg, gates, self.gcfg.mode)
+            imp = layer_importance(model, ds, train_idx, self.cfg, gates, self.gcfg.mode,
+                                   mesh=self.mesh)
             layer_keep = G.layers_to_remove(imp, self.gcfg.layer)
         return FitResult(model, gates, state.extra.masks, list(losses or []),
                          np.asarray(state.extra.head_mask), np.asarray(state.extra.ffn_units),
@@ -363,19 +440,21 @@ def make_gtsp_steps(model: GraphModel, task: str, cfg: FitConfig = FitConfig(),
 
 def _stacks(batches: list, D: int) -> list:
     """Group equally-shaped batches into stacks of D; a short group is filled with label-free
-    copies (zero loss, zero gradient)."""
+    copies (zero loss, zero gradient). Returns ``(stack, ids)`` pairs, ``ids[d]`` the position
+    in ``batches`` of the stack's d-th batch (a filler repeats its group's first)."""
     by_shape: dict = {}
-    for b in batches:
+    for i, b in enumerate(batches):
         key = (b.graph.nodes.shape, b.graph.senders.shape, b.dense_index.shape)
-        by_shape.setdefault(key, []).append(b)
+        by_shape.setdefault(key, []).append(i)
     out = []
     for group in by_shape.values():
-        for i in range(0, len(group), D):
-            chunk = group[i:i + D]
-            while len(chunk) < D:
-                chunk.append(chunk[0]._replace(label_mask=np.zeros_like(chunk[0].label_mask),
-                                               graph_mask=np.zeros_like(chunk[0].graph_mask)))
-            out.append(stack_batches(chunk))
+        for s in range(0, len(group), D):
+            ids = group[s:s + D]
+            chunk = [batches[i] for i in ids]
+            first = chunk[0]
+            chunk += [first._replace(label_mask=np.zeros_like(first.label_mask),
+                                     graph_mask=np.zeros_like(first.graph_mask))] * (D - len(ids))
+            out.append((stack_batches(chunk), np.asarray(ids + ids[:1] * (D - len(ids)), np.int32)))
     return out
 
 
@@ -390,7 +469,7 @@ class _Stream:
     def _epoch(self, e):
         bs = make_batches(self.ds, self.idx, self.cfg.batch_size, spec=self.spec,
                           buckets=self.buckets, shuffle_seed=self.cfg.seed * 100003 + e)
-        return _stacks(bs, self.D)
+        return [stack for stack, _ in _stacks(bs, self.D)]
 
     def get(self, step: int):
         e, i = divmod(step, self.per_epoch)
@@ -399,13 +478,14 @@ class _Stream:
         return self.items[i]
 
 
-def _process_block(stack: GraphBatch) -> GraphBatch:
-    """This process's contiguous block of a stacked batch (all of it on one process): in a
-    multi-process run every process builds the same stack and feeds only its own rows."""
+def _process_block(stack):
+    """This process's contiguous block of a stacked batch, or of any pytree of arrays with the
+    stack's leading axis (all of it on one process): in a multi-process run every process builds
+    the same stack and feeds only its own rows."""
     pc, pi = jax.process_count(), jax.process_index()
     if pc == 1:
         return stack
-    n = stack.graph_mask.shape[0]
+    n = jax.tree.leaves(stack)[0].shape[0]
     if n % pc:
         raise ValueError(f"a stack of {n} padded batches does not split over {pc} processes")
     k = n // pc
@@ -450,20 +530,28 @@ def fit(model: GraphModel, ds: GraphDataset, train_idx, cfg: FitConfig = FitConf
 
 
 def layer_importance(model: GraphModel, ds: GraphDataset, idx, cfg: FitConfig, gates: Gates,
-                     mode: str, max_batches: int = 8) -> np.ndarray:
-    """Taylor importance of each layer gate, ``sum_batches |dL/dg_l|`` at g = 1 (eval mode)."""
+                     mode: str, max_batches: int = 8, *, mesh: Mesh | None = None) -> np.ndarray:
+    """Taylor importance of each layer gate, ``sum_b |dL_b/dg_l|`` at g = 1 (eval mode) over the
+    first ``max_batches`` training batches ``b`` (``L_b`` the mean loss of batch ``b``).
+
+    The batches go in stacks of ``mesh``'s ``data*fsdp`` size (default mesh: one device; each
+    process feeds its block of every stack) through :func:`make_layer_scores`, so the sum over a
+    stack is a reduction across the mesh inside one jitted function and every process gets the
+    same importance; only the few per-stack totals are added on the host (float64).
+    """
+    mesh = mesh or data_mesh(1)
+    D = data_parallel_size(mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    grad_fn = make_event_grads(graphdef, ds.task, mode)
-    masks = G.ones_masks(params)
-    # the training buckets: the gradient function compiles once per bucket shape
+    fn = make_layer_scores(graphdef, ds.task, mode, mesh)
+    # the training buckets: the score function compiles once per bucket shape
     bs = make_batches(ds, idx, cfg.batch_size, spec=model.cfg.batch_spec(),
                       buckets=bucket_budgets(ds.subset(idx), cfg.batch_size,
                                              cfg.num_buckets))[:max_batches]
     imp = np.zeros(model.cfg.n_layers)
-    for i, b in enumerate(bs):
-        stacked = stack_batches([b])
-        _, gg, _ = grad_fn(params, rest, masks, gates, stacked, jax.random.key(i), None, False)
-        imp += np.abs(np.asarray(gg.layer))
+    for stack, ids in _stacks(bs, D):
+        stack, ids = _process_block((stack, ids))
+        imp += np.asarray(fn(params, rest, gates, shard_batch(stack, mesh),
+                             _shard_rows(ids, mesh)))
     return imp
 
 
