@@ -272,7 +272,8 @@ class GTSPSteps:
     * ``is_event(step) -> bool`` and ``prune(state, batch, key) -> state``: the GTSP pruning
       event due at ``state.step`` (head and weight axes; between steps, on the batch of that
       step: scores by :func:`make_event_scores` over the global batch, top-k decisions on the
-      host from those replicated scores). Tokens (keep ratio, learned scorer) and layers (drop path / layer drop) act
+      host from those replicated scores); ``event_scores(state, batch, key)`` returns the scores
+      alone. Tokens (keep ratio, learned scorer) and layers (drop path / layer drop) act
       inside every step; clean layer removal is chosen once at the end (``result``).
     * ``result(state, model, ds, train_idx) -> FitResult``: writes the trained (masked) weights
       into ``model`` and picks the layers to remove (clean mode, Taylor importance).
