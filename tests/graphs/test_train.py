@@ -33,26 +33,6 @@ def clean_run(mutag, gps_cfg, tmp_path_factory):
     return d, train.fit(models.make_model(gps_cfg, seed=0), mutag, TRAIN_IDX, fc, CLEAN)
 
 
-def test_fit_faithful_granet_and_heads(mutag):
-    cfg = models.config_for(mutag, "graphtrans", **TINY)
-    m = models.make_model(cfg)
-    g = gtsp.GTSPConfig(mode="faithful", head=0.5, weight=0.5, token=0.25, layer=0.25,
-                        update_every=2, prune_start=0.2, prune_end=0.8)
-    r = train.fit(m, mutag, TRAIN_IDX, train.FitConfig(**FC), g)
-    assert len(r.losses) == 6 and np.isfinite(r.losses).all()
-    # after the last GraNet event the global density is the target (+- 1 element)
-    params = nnx.state(r.model, nnx.Param)
-    total = sum(x.size for x in jax.tree.leaves(params) if x.ndim >= 2)
-    assert abs(gtsp.density(r.weight_masks, params) * total - 0.5 * total) <= 1
-    # pruned weights are physically zero; active head count constant (death/regrowth)
-    for p, mk in zip(jax.tree.leaves(params), jax.tree.leaves(r.weight_masks)):
-        assert float(np.abs(np.asarray(p)[np.asarray(mk) == 0]).sum()) == 0.0
-    assert r.head_mask.sum(1).tolist() == [1, 1]
-    ev = train.evaluate(r.model, mutag, np.arange(100, 140), gates=r.gates, mode="faithful",
-                        num_buckets=1)
-    assert 0.0 <= ev["rocauc"] <= 1.0
-
-
 def test_fit_clean_then_export_matches(mutag, gps_cfg, clean_run):
     _, r = clean_run
     assert len(r.losses) == 6 and np.isfinite(r.losses).all()
@@ -147,25 +127,45 @@ def test_gtsp_one_device_equals_eight_devices_with_pruning_events(mutag):
 
 
 @pytest.mark.slow  # ~20 s CPU: a step, event and (clean) layer-score compile per mesh
-def test_gtsp_faithful_one_device_equals_eight_devices(mutag):
+def test_gtsp_faithful_fit_and_one_device_equals_eight_devices(mutag):
     """Faithful GTSP (tokens, the official probe head scores with death/regrowth, GraNet weight
-    masks with gradient regrowth, node-wise drop path): ``fit`` on one device with stacks of 8
-    batches equals ``fit`` on an 8-device ``data`` mesh (losses, masks, params).
+    masks with gradient regrowth, node-wise drop path).
 
-    One event (step 2): GraNet restarts regrown weights at zero and one Adam step moves each by
-    about the learning rate, so at a following event they tie in magnitude to within an ulp and
-    round-off alone decides which of them the threshold keeps (seen with events at steps 1-3:
-    one swapped pair of a 16x16 kernel); the first event ranks trained weights, without ties."""
+    On one device with events at steps 1-3: the GraNet density reaches its target, pruned
+    weights are zero, the active head count stays, the masked model evaluates.
+
+    ``fit`` on one device with stacks of 8 batches equals ``fit`` on an 8-device ``data`` mesh
+    (losses, masks, params) with one event (step 2): GraNet restarts regrown weights at zero and
+    one Adam step moves each by about the learning rate, so at a following event they tie in
+    magnitude to within an ulp and round-off alone decides which of them the threshold keeps
+    (seen with events at steps 1-3: one swapped pair of a 16x16 kernel); the first event ranks
+    trained weights, without ties. All three fits share one model structure and optimizer, so
+    the one-device fits share their compiles."""
     cfg = models.config_for(mutag, "graphtrans", **{**TINY, "n_layers": 1, "dropout": 0.1})
-    g = gtsp.GTSPConfig(mode="faithful", token=0.25, head=0.5, weight=0.5, layer=0.25,
-                        update_every=1, prune_start=0.5, prune_end=0.5)
     fc = train.FitConfig(steps=4, batch_size=4, num_buckets=1, batches_per_step=8)
-    one, eight = (train.fit(models.make_model(cfg, seed=0), mutag, TRAIN_IDX[:32], fc, g,
+    common = dict(mode="faithful", token=0.25, head=0.5, weight=0.5, layer=0.25, update_every=1)
+
+    g3 = gtsp.GTSPConfig(**common, prune_start=0.0, prune_end=0.75)
+    r = train.fit(models.make_model(cfg, seed=0), mutag, TRAIN_IDX[:32], fc, g3)
+    assert len(r.losses) == 4 and np.isfinite(r.losses).all()
+    # after the last GraNet event the global density is the target (+- 1 element)
+    params = nnx.state(r.model, nnx.Param)
+    total = sum(x.size for x in jax.tree.leaves(params) if x.ndim >= 2)
+    assert abs(gtsp.density(r.weight_masks, params) * total - 0.5 * total) <= 1
+    # pruned weights are physically zero; active head count constant (death/regrowth)
+    for p, mk in zip(jax.tree.leaves(params), jax.tree.leaves(r.weight_masks)):
+        assert float(np.abs(np.asarray(p)[np.asarray(mk) == 0]).sum()) == 0.0
+    assert r.head_mask.sum(1).tolist() == [1]
+    ev = train.evaluate(r.model, mutag, np.arange(100, 140), gates=r.gates, mode="faithful",
+                        num_buckets=1)
+    assert 0.0 <= ev["rocauc"] <= 1.0
+
+    g1 = gtsp.GTSPConfig(**common, prune_start=0.5, prune_end=0.5)
+    assert train.make_gtsp_steps(models.make_model(cfg), mutag.task, fc, g1).events == (2,)
+    one, eight = (train.fit(models.make_model(cfg, seed=0), mutag, TRAIN_IDX[:32], fc, g1,
                             mesh=data_mesh(n)) for n in (1, 8))
-    assert train.make_gtsp_steps(models.make_model(cfg), mutag.task, fc, g).events == (2,)
     _assert_same_run(one, eight)
     params = nnx.state(one.model, nnx.Param)
-    total = sum(x.size for x in jax.tree.leaves(params) if x.ndim >= 2)
     assert abs(gtsp.density(one.weight_masks, params) * total - 0.5 * total) <= 1
 
 
