@@ -85,7 +85,7 @@ def _assert_same_run(one, eight):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(path))
 
 
-@pytest.mark.slow  # ~20 s CPU: a step, event and (clean) layer-score compile per mesh
+@pytest.mark.slow  # ~27 s CPU: step, event and (clean) layer-score compiles per mesh
 def test_gtsp_one_device_equals_eight_devices_with_pruning_events(mutag):
     """Clean GTSP fine-tuning with token, head, weight and layer pruning: a user's own loop over
     the step factories on one device equals ``fit`` on an 8-device ``data`` mesh fed the same
@@ -126,7 +126,7 @@ def test_gtsp_one_device_equals_eight_devices_with_pruning_events(mutag):
     np.testing.assert_allclose(imp[0], imp[1], rtol=1e-5)
 
 
-@pytest.mark.slow  # ~20 s CPU: a step, event and (clean) layer-score compile per mesh
+@pytest.mark.slow  # ~27 s CPU: step, event and (clean) layer-score compiles per mesh
 def test_gtsp_faithful_fit_and_one_device_equals_eight_devices(mutag):
     """Faithful GTSP (tokens, the official probe head scores with death/regrowth, GraNet weight
     masks with gradient regrowth, node-wise drop path).
