@@ -25,6 +25,11 @@ def gps_cfg(mutag):
     return models.config_for(mutag, "gps", **{**TINY, "pe": "rwse"})
 
 
+# the tests sharing the module fixture clean_run run on one pytest-xdist worker (under
+# --dist loadgroup), so the fixture's fit runs once
+CLEAN_RUN_GROUP = pytest.mark.xdist_group("graphs_clean_run")
+
+
 @pytest.fixture(scope="module")
 def clean_run(mutag, gps_cfg, tmp_path_factory):
     """Clean GTSP fit with checkpoints every 3 steps; shared by the export and resume tests."""
@@ -33,6 +38,7 @@ def clean_run(mutag, gps_cfg, tmp_path_factory):
     return d, train.fit(models.make_model(gps_cfg, seed=0), mutag, TRAIN_IDX, fc, CLEAN)
 
 
+@CLEAN_RUN_GROUP
 def test_fit_clean_then_export_matches(mutag, gps_cfg, clean_run):
     _, r = clean_run
     assert len(r.losses) == 6 and np.isfinite(r.losses).all()
@@ -46,6 +52,7 @@ def test_fit_clean_then_export_matches(mutag, gps_cfg, clean_run):
     assert a["rocauc"] == pytest.approx(b["rocauc"], abs=1e-6)
 
 
+@CLEAN_RUN_GROUP
 def test_checkpoint_resume_reproduces_run(mutag, gps_cfg, clean_run):
     d, full = clean_run
     assert sorted(p.name for p in (d / "a").iterdir() if p.name.isdigit()) == ["3", "6"]
