@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmx.models.transformer import BTD
+from lmx.parallel import constrain
+
 # A chunk's float32 logits stay under this many bytes by default.
 _CHUNK_LOGITS_BYTES = 2 * 2**30
 
@@ -118,7 +121,11 @@ def fused_next_token_nll(hidden: jax.Array, head: jax.Array, tokens: jax.Array,
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         w = jnp.pad(w, ((0, 0), (0, pad)))
-    value, nll = _fused(h, head.astype(h.dtype), to_time_chunks(targets, nc, ct),
+    # batch-sharded rows against a head gathered over its feature axis (vocab may stay split):
+    # the chunked products then need no activation resharding under FSDP
+    h = constrain(h, BTD)
+    head = constrain(head.astype(h.dtype), ("activation_embed", "activation_vocab"))
+    value, nll = _fused(h, head, to_time_chunks(targets, nc, ct),
                         to_time_chunks(w, nc, ct))
     return value, jax.lax.stop_gradient(from_time_chunks(nll, L))
 

@@ -23,7 +23,7 @@ from lmx.models.config import ModelConfig
 from lmx.parallel import constrain
 
 # logical names of activation dimensions (mapped to mesh axes by lmx.parallel's rules)
-_BTD = ("activation_batch", "activation_length", "activation_embed")
+BTD = ("activation_batch", "activation_length", "activation_embed")
 _BTHD = ("activation_batch", "activation_length", "activation_heads", None)
 _BTKD = ("activation_batch", "activation_length", "activation_kv_heads", None)
 _BTF = ("activation_batch", "activation_length", "activation_mlp")
@@ -224,7 +224,10 @@ class Transformer(nnx.Module):
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array, dtype) -> jax.Array:
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        # the table whole on every device (FSDP gathers weights, not activations): a lookup into
+        # a feature-sharded table gives feature-sharded rows that cannot become batch-sharded
+        # without replicating them first
+        x = jnp.take(constrain(self.embed[...], (None, None)), tokens, axis=0).astype(dtype)
         if self.cfg.arch == "gpt2":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
         return x
@@ -250,7 +253,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = (positions_from_mask(attention_mask) if attention_mask is not None
                          else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
-        x = constrain(self.embed_tokens(tokens, positions, cdt), _BTD)
+        x = constrain(self.embed_tokens(tokens, positions, cdt), BTD)
         cos, sin = rope_tables(positions, cfg.hd, cfg.rope_theta)
         causal = jnp.tril(jnp.ones((T, T), bool))
         use_cudnn = cfg.attn_impl == "cudnn" and attention_mask is None
@@ -264,8 +267,8 @@ class Transformer(nnx.Module):
                 o = o.reshape(B, T, cfg.q_dim)
             else:
                 o = _attend(cfg, q, k, v, allowed)
-            x = constrain(x + _attn_out(cfg, o, p), _BTD)
-            x = constrain(x + _mlp(cfg, _norm(cfg, x, p, "mlp_norm"), p), _BTD)
+            x = constrain(x + _attn_out(cfg, o, p), BTD)
+            x = constrain(x + _mlp(cfg, _norm(cfg, x, p, "mlp_norm"), p), BTD)
             return x, ((k, v) if collect_kv else None)
 
         x, kv = jax.lax.scan(_remat(cfg, layer), x, self.layer_params(cdt),

@@ -1,3 +1,4 @@
+import os
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +148,41 @@ def test_constrain_pins_activations_only_inside_a_logical_sharding_context():
     with pytest.raises(TypeError, match="mesh must be"):
         with logical_sharding("data=8"):
             pass
+
+
+RESHARD_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from flax import nnx
+from lmx.models import ModelConfig, Transformer
+from lmx.parallel import make_mesh, shard_batch
+from lmx.train import TrainConfig, causal_lm_loss, init_state, make_optimizer, make_train_step, split_micro
+tx = make_optimizer(TrainConfig(steps=1))
+for fsdp, tensor in ((4, 1), (2, 2)):
+    mesh = make_mesh(data=2, fsdp=fsdp, tensor=tensor)
+    model = Transformer(ModelConfig.tiny_llama(vocab_size=64, d_model=64, d_ff=128), rngs=nnx.Rngs(0))
+    graphdef, state, shardings = init_state(model, tx, mesh=mesh)
+    step = make_train_step(graphdef, causal_lm_loss, tx, shardings=shardings)
+    rows = np.random.RandomState(0).randint(0, 64, (16, 32)).astype(np.int32)
+    batch = shard_batch(split_micro({"tokens": rows}, 2), mesh, batch_axis=1)
+    state, metrics = step(state, batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(metrics["loss"]))
+print("compiled both")
+"""
+
+
+@pytest.mark.slow
+def test_sharded_lm_step_compiles_without_replicating_activations_to_reshard_them(tmp_path):
+    """XLA's SPMD partitioner warns "Involuntary full rematerialization" when it can only move an
+    array between two shardings by replicating it first. With the embedding lookup and the fused
+    loss's head gathered (weights, not activations, move under FSDP) the LM step on
+    data x fsdp and data x fsdp x tensor meshes compiles without one."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", RESHARD_SCRIPT], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "compiled both" in proc.stdout, proc.stderr[-3000:]
+    assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]
