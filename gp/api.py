@@ -111,6 +111,9 @@ def _poison(ell, s2, noise, x=None, y=None):
 # and the most points one bucket may hold before the pass is abandoned for numpy's sort.
 BUCKET_SORT_MIN_N = 2048
 BUCKET_SORT_MAX_LOAD = 64
+# Inputs at least this long gather the arrays sorted along with x on a worker thread (measured
+# 1.2x faster for x and y at n = 1e6, no faster at 1e5, on the loaded 2-core CPU VM).
+THREADED_GATHER_MIN_N = 1 << 18
 
 
 def argsort(x: np.ndarray) -> np.ndarray:
@@ -131,32 +134,48 @@ def argsort(x: np.ndarray) -> np.ndarray:
     return _sort(x)[0]
 
 
-def _sort(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(idx, x[idx])`` of :func:`argsort`: the sorted copy comes from the merge pass's
-    nearly sequential gather instead of a second random gather of ``x`` (which measured a few
-    ms at n = 1e6)."""
+def _sort(x: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(idx, x[idx], *(v[idx] for v in others))`` with ``idx`` of :func:`argsort`.
+
+    The sorted ``x`` comes from the merge pass's nearly sequential gather instead of a second
+    random gather. From :data:`THREADED_GATHER_MIN_N` points on, the ``others`` are gathered in
+    bucket order on a worker thread while this thread runs the merge pass (numpy releases the
+    GIL in both), then finished by the same nearly sequential gather."""
     n = x.shape[0]
     if n < BUCKET_SORT_MIN_N:
-        idx = np.argsort(x)
-        return idx, x[idx]
+        return _numpy_sort(x, others)
     lo, hi = x.min(), x.max()
     nb = min(1 << 16, 1 << (n - 1).bit_length())      # about one point per bucket, at most 2^16
     with np.errstate(over="ignore"):
         scale = nb / (hi - lo) if hi > lo else np.inf
     if not np.isfinite(scale) or scale == 0:          # all equal, or a span beyond float64
-        idx = np.argsort(x)
-        return idx, x[idx]
+        return _numpy_sort(x, others)
     key = x - lo
     key *= scale
     np.minimum(key, nb - 1, out=key)
     key = key.astype(np.uint16)
     if np.bincount(key, minlength=nb).max() > BUCKET_SORT_MAX_LOAD:
-        idx = np.argsort(x)
-        return idx, x[idx]
+        return _numpy_sort(x, others)
     idx = np.argsort(key, kind="stable")
+    threaded = bool(others) and n >= THREADED_GATHER_MIN_N
+    pending = _gather_pool().submit(lambda: [v[idx] for v in others]) if threaded else None
     xb = x[idx]
     fin = np.argsort(xb, kind="stable")
-    return idx[fin], xb[fin]
+    final = idx[fin]
+    rest = [vb[fin] for vb in pending.result()] if threaded else [v[final] for v in others]
+    return (final, xb[fin], *rest)
+
+
+def _numpy_sort(x, others):
+    idx = np.argsort(x)
+    return (idx, x[idx], *(v[idx] for v in others))
+
+
+@functools.cache
+def _gather_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="gp-sort")
 
 
 def _host_argsort(x):
@@ -184,8 +203,11 @@ def _sort_inputs(x, y, noise, order):
         xn = np.asarray(x)
         if xn.shape[0] < 2 or bool(np.all(xn[1:] >= xn[:-1])):
             return x, y, noise, order
-        idx, xs = _sort(xn)
-        take = lambda v: jnp.asarray(np.asarray(v)[idx]) if _concrete(v) else v[idx]
+        host = [np.asarray(v) for v in (y, noise if per_point else None, order)
+                if v is not None and _concrete(v)]
+        idx, xs, *sorted_host = _sort(xn, *host)
+        sorted_host = iter(sorted_host)
+        take = lambda v: jnp.asarray(next(sorted_host)) if _concrete(v) else v[idx]
         return (jnp.asarray(xs), take(y), take(noise) if per_point else noise,
                 None if order is None else take(order))
     arrays = (x, y) + ((noise,) if per_point else ()) + (() if order is None else (order,))

@@ -157,10 +157,15 @@ def test_argsort_sorts_every_layout(rng):
              "cluster": np.concatenate([rng.normal(0.0, 1e-6, n // 2), rng.uniform(0, 1, n // 2)]),
              "all equal": np.full(n, 3.0), "huge span": rng.uniform(-1.0, 1.0, n) * 1e308,
              "short": rng.uniform(size=100)}
+    cases["long (threaded gather)"] = rng.uniform(0.0, 1e4, api.THREADED_GATHER_MIN_N)
     for name, x in cases.items():
         idx = api.argsort(x)
         assert np.array_equal(np.sort(idx), np.arange(x.size)), name
         assert np.all(np.diff(x[idx]) >= 0), name
+        # the host sort's companions: x and the arrays sorted along with it, gathered by idx
+        y, k = rng.normal(size=x.size), np.arange(x.size)[::-1].copy()
+        got = api._sort(x, y, k)
+        assert all(np.array_equal(g, w) for g, w in zip(got, (idx, x[idx], y[idx], k[idx]))), name
 
 
 def test_traced_unsorted_long_input_matches_sorted_value(rng):
