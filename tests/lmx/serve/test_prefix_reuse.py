@@ -104,3 +104,25 @@ def test_prefix_reuse_flag_is_checked(tiny):
     model, tok, _ = tiny
     with pytest.raises(TypeError, match="prefix_reuse must be a bool"):
         Engine(model, tok, prefix_reuse="yes", **KW)
+
+
+def test_prefix_sources_skip_rows_overwritten_in_the_same_iteration(tiny):
+    """A joining request never copies from a row that another join of the same iteration
+    overwrites (prefill calls run in an order the grouping decides); its own row is fine."""
+    model, tok, _ = tiny
+    eng = Engine(model, tok, **KW)  # never started: host-side bookkeeping only
+    x = list(range(10, 40))
+    eng._row_ids[1, :30], eng._row_len[1] = x, 30  # a freed row holding x
+    eng._row_ids[0, :12], eng._row_len[0] = x[:12], 12  # a running row sharing 12 tokens
+    prompt = x[:25] + [5, 6]
+    assert eng._cached_prefix(prompt, 2, {1, 2}) == (12, 0)  # row 1 is another join's target
+    assert eng._cached_prefix(prompt, 2, {2}) == (25, 1)
+    assert eng._cached_prefix(prompt, 1, {1, 2}) == (25, 1)  # its own row: nothing to copy
+    assert eng._cached_prefix(x, 3, {3}) == (29, 1)  # one prompt token is always computed
+    off = Engine(model, tok, prefix_reuse=False, **KW)
+    off._row_ids[1, :30], off._row_len[1] = x, 30
+    assert off._cached_prefix(prompt, 2, {2}) == (0, 2)
+    # at most the smallest span bucket (the prefill kernel reads that many prefix columns)
+    short = Engine(model, tok, **dict(KW, span_buckets=(16, 64)))
+    short._row_ids[1, :30], short._row_len[1] = x, 30
+    assert short.prefix_span == 16 and short._cached_prefix(prompt, 2, {2}) == (16, 1)
