@@ -111,9 +111,6 @@ def _poison(ell, s2, noise, x=None, y=None):
 # and the most points one bucket may hold before the pass is abandoned for numpy's sort.
 BUCKET_SORT_MIN_N = 2048
 BUCKET_SORT_MAX_LOAD = 64
-# Inputs at least this long gather the arrays sorted along with x on a worker thread (measured
-# 1.2x faster for x and y at n = 1e6, no faster at 1e5, on the loaded 2-core CPU VM).
-THREADED_GATHER_MIN_N = 1 << 18
 
 
 def argsort(x: np.ndarray) -> np.ndarray:
@@ -138,9 +135,8 @@ def _sort(x: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(idx, x[idx], *(v[idx] for v in others))`` with ``idx`` of :func:`argsort`.
 
     The sorted ``x`` comes from the merge pass's nearly sequential gather instead of a second
-    random gather. From :data:`THREADED_GATHER_MIN_N` points on, the ``others`` are gathered in
-    bucket order on a worker thread while this thread runs the merge pass (numpy releases the
-    GIL in both), then finished by the same nearly sequential gather."""
+    random gather (a gather of the others on a worker thread during the merge pass measured no
+    faster at n = 1e6 on the loaded 2-core CPU VM, so there is none)."""
     n = x.shape[0]
     if n < BUCKET_SORT_MIN_N:
         return _numpy_sort(x, others)
@@ -157,25 +153,15 @@ def _sort(x: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
     if np.bincount(key, minlength=nb).max() > BUCKET_SORT_MAX_LOAD:
         return _numpy_sort(x, others)
     idx = np.argsort(key, kind="stable")
-    threaded = bool(others) and n >= THREADED_GATHER_MIN_N
-    pending = _gather_pool().submit(lambda: [v[idx] for v in others]) if threaded else None
     xb = x[idx]
     fin = np.argsort(xb, kind="stable")
     final = idx[fin]
-    rest = [vb[fin] for vb in pending.result()] if threaded else [v[final] for v in others]
-    return (final, xb[fin], *rest)
+    return (final, xb[fin], *(v[final] for v in others))
 
 
 def _numpy_sort(x, others):
     idx = np.argsort(x)
     return (idx, x[idx], *(v[idx] for v in others))
-
-
-@functools.cache
-def _gather_pool():
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="gp-sort")
 
 
 def _host_argsort(x):
