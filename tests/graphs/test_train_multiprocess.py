@@ -1,5 +1,5 @@
-"""GTSP across two real processes: two Python processes on 127.0.0.1 joined by ``jax.distributed``
-(CPU collectives over gloo), each feeding only its block of every stacked batch (``fit`` slices
+"""GTSP across two real processes: two Python processes on 127.0.0.1 started as a SLURM job step
+and joined by ``initialize_distributed()`` (JAX's cluster auto-detection; CPU collectives over gloo), each feeding only its block of every stacked batch (``fit`` slices
 it by process index), run GTSP fine-tuning with pruning events in faithful mode (tokens, probe
 head death/regrowth, GraNet weights, drop path) and clean mode (tokens, Taylor heads, FFN units,
 layer drop, end-of-run layer importance). Both processes must reach the same masks, and masks and
@@ -11,25 +11,21 @@ process's rows and the two processes' masks would differ.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from multiprocess_launch import launch
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
-    pid, nproc, port, out = sys.argv[1:5]
+    pid, nproc, out = sys.argv[1:4]
     pid, nproc = int(pid), int(nproc)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // nproc}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     from lmx.parallel import initialize_distributed, make_mesh
-    joined = initialize_distributed(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
-                                    process_id=pid) if nproc > 1 else initialize_distributed()
-    assert joined == (nproc > 1)
+    # no arguments: the processes join through JAX's cluster auto-detection (a SLURM-style launch)
+    assert initialize_distributed() == (nproc > 1)
     import jax
     import numpy as np
     from flax import nnx
@@ -65,27 +61,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, nproc: int, tag: str) -> list[dict]:
     """Run SCRIPT as ``nproc`` processes; every process's record, in process order."""
     out = tmp_path / tag
-    port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), str(nproc), port, str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              cwd=tmp_path) for pid in range(nproc)]
-    try:
-        results = [p.communicate(timeout=400) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
+    launch(SCRIPT, nproc, [str(out)], cwd=tmp_path)
     return [json.loads((tmp_path / f"{tag}.{pid}").read_text()) for pid in range(nproc)]
 
 

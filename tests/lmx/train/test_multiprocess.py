@@ -10,15 +10,12 @@ the parameters are FSDP-sharded across the two processes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from multiprocess_launch import launch
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
@@ -84,45 +81,9 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-# JAX's SLURM detection puts the coordinator on port 61440 + (SLURM_JOB_ID mod 4096) of the first node
-SLURM_PORT_BASE = 65535 - 2**12 + 1
-
-
-def _free_slurm_job_id() -> int:
-    for job_id in np.random.default_rng().permutation(2**12):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", SLURM_PORT_BASE + int(job_id)))
-            except OSError:
-                continue
-        return int(job_id)
-    raise RuntimeError("no free port in the SLURM coordinator range")
-
-
 def _run(tmp_path, nproc, *, ckpt="", tag):
-    """``nproc`` processes launched as a SLURM job step of ``nproc`` tasks on this host would be
-    (the variables ``srun`` sets), so ``initialize_distributed()`` finds the cluster on its own."""
     out = tmp_path / f"{tag}.json"
-    job_id = _free_slurm_job_id()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "JAX_PLATFORMS") and not k.startswith("SLURM_")}
-
-    def task_env(pid):
-        if nproc == 1:
-            return env
-        return {**env, "SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "127.0.0.1",
-                "SLURM_NTASKS": str(nproc), "SLURM_PROCID": str(pid), "SLURM_LOCALID": str(pid)}
-
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), str(nproc), ckpt, str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=task_env(pid),
-                              cwd=tmp_path) for pid in range(nproc)]
-    try:
-        results = [p.communicate(timeout=400) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
+    launch(SCRIPT, nproc, [ckpt, str(out)], cwd=tmp_path)
     return json.loads(out.read_text())
 
 
