@@ -94,6 +94,11 @@ def _assert_same_params(a, b):
                                    atol=2e-6, rtol=1e-5, err_msg=k)
 
 
+# the module fixture's three launches run once only if every test using it is on one worker
+# (under the CI's pytest-xdist --dist loadgroup each worker would otherwise run its own copy)
+pytestmark = pytest.mark.xdist_group("multiprocess_lm_kd")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two processes with half the batch each, checkpointing after steps 2 and 4; one process
