@@ -94,38 +94,23 @@ def _assert_same_params(a, b):
                                    atol=2e-6, rtol=1e-5, err_msg=k)
 
 
-# the module fixture's three launches run once only if every test using it is on one worker
-# (under the CI's pytest-xdist --dist loadgroup each worker would otherwise run its own copy)
-pytestmark = pytest.mark.xdist_group("multiprocess_lm_kd")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.mark.slow
+def test_two_processes_equal_one_process_and_their_checkpoint_resumes_in_one(tmp_path):
     """Two processes with half the batch each, checkpointing after steps 2 and 4; one process
-    with the whole batch; one process resuming from the two processes' step-2 checkpoint."""
-    tmp = tmp_path_factory.mktemp("multiprocess")
-    ckpt = str(tmp / "ckpt")
-    two = _run(tmp, 2, ckpt=ckpt, tag="two")
+    with the whole batch; one process resuming from the two processes' step-2 checkpoint. One
+    test, not one per wing: a shared module fixture ran once per pytest-xdist worker in CI."""
+    ckpt = str(tmp_path / "ckpt")
+    two_run = _run(tmp_path, 2, ckpt=ckpt, tag="two")
     for wing in ("lm", "kd"):  # leave step 2 as the latest checkpoint to resume from
-        shutil.rmtree(tmp / f"ckpt_{wing}" / "4")
-    return {"one": _run(tmp, 1, tag="one"), "two": two, "resumed": _run(tmp, 1, ckpt=ckpt, tag="resumed")}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("wing", ["lm", "kd"])
-def test_two_processes_each_feeding_half_the_batch_equal_one_process(runs, wing):
-    one, two = runs["one"][wing], runs["two"][wing]
-    assert len(one["losses"]) == len(two["losses"]) == 4
-    np.testing.assert_allclose(two["losses"], one["losses"], atol=1e-6, rtol=1e-6)
-    _assert_same_params(two, one)
-    # the parameters really were split over the two processes' devices, not replicated
-    assert any("fsdp" in s for s in two["shardings"]), two["shardings"]
-    assert one["losses"][-1] < one["losses"][0]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("wing", ["lm", "kd"])
-def test_a_two_process_checkpoint_resumes_in_one_process(runs, wing):
-    resumed, one = runs["resumed"][wing], runs["one"][wing]
-    np.testing.assert_allclose(resumed["losses"], one["losses"], atol=1e-6, rtol=1e-6)
-    _assert_same_params(resumed, one)
+        shutil.rmtree(tmp_path / f"ckpt_{wing}" / "4")
+    one_run, resumed_run = _run(tmp_path, 1, tag="one"), _run(tmp_path, 1, ckpt=ckpt, tag="resumed")
+    for wing in ("lm", "kd"):
+        one, two, resumed = one_run[wing], two_run[wing], resumed_run[wing]
+        assert len(one["losses"]) == len(two["losses"]) == 4
+        np.testing.assert_allclose(two["losses"], one["losses"], atol=1e-6, rtol=1e-6)
+        _assert_same_params(two, one)
+        # the parameters really were split over the two processes' devices, not replicated
+        assert any("fsdp" in s for s in two["shardings"]), two["shardings"]
+        assert one["losses"][-1] < one["losses"][0]
+        np.testing.assert_allclose(resumed["losses"], one["losses"], atol=1e-6, rtol=1e-6)
+        _assert_same_params(resumed, one)
