@@ -107,6 +107,63 @@ def run_level(base_url: str, model: str, clients: int, rounds: int, max_tokens: 
             "itl_mean_per_request_s": float(np.mean([r["itl_s"] for r in results]))}
 
 
+def long_prompt_arrival(model, tokenizer, cfg: dict, chunk: int) -> dict:
+    """Running greedy streams while a long prompt joins, on an :class:`lmx.serve.Engine` whose
+    long prompts are prefilled in chunks of ``chunk`` tokens (``chunk`` = the largest prompt
+    bucket: one call for the whole prompt).
+
+    ``cfg``: ``running`` streams (short prompts, ``running_tokens`` each) start; once each has
+    4 tokens, a prompt of ``prompt_tokens`` tokens arrives (``max_tokens`` 4). Reported: the
+    longest and p95 gap between consecutive tokens of the running streams while the long prompt
+    is prefilled (its arrival to its first token), and its time to first token.
+    """
+    from lmx.serve import Engine, GenRequest
+
+    eng = Engine(model, tokenizer, n_slots=cfg["n_slots"], max_len=cfg["max_len"],
+                 batch_buckets=cfg["batch_buckets"], span_buckets=cfg["span_buckets"],
+                 prompt_buckets=cfg["prompt_buckets"], prefill_chunk=chunk,
+                 prefill_tokens_per_step=chunk, prefix_reuse=False)
+    t0 = time.perf_counter()
+    eng.warmup()
+    warm_s = time.perf_counter() - t0
+    compiled = eng.compile_count()
+    stamps: dict[int, list[float]] = {}
+    lock = threading.Lock()
+
+    def recorder(k: int):
+        def on_event(ev):
+            if ev.text or ev.finish_reason:
+                with lock:
+                    stamps.setdefault(k, []).append(time.perf_counter())
+        return on_event
+
+    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    streams = [eng.submit(GenRequest(enc(f"Note {k}: write about {TOPICS[k % len(TOPICS)]}."),
+                                     max_tokens=cfg["running_tokens"], ignore_eos=True),
+                          recorder(k)) for k in range(cfg["running"])]
+    while True:
+        with lock:
+            if all(len(stamps.get(k, [])) >= 4 for k in range(cfg["running"])):
+                break
+        time.sleep(0.005)
+    words = " ".join(f"Sentence {i} is about {TOPICS[i % len(TOPICS)]}." for i in range(400))
+    long_ids = enc(words)[:cfg["prompt_tokens"]]
+    long = eng.submit(GenRequest(long_ids, max_tokens=4, ignore_eos=True))
+    long.result(timeout=600)
+    for s in streams:
+        s.done.wait(600)
+    eng.stop()
+    t_arrive, t_first = long.t_submit, long.t_first  # submitted, first reply token pushed
+    gaps = [b - a for k in range(cfg["running"]) for a, b in zip(stamps[k], stamps[k][1:])
+            if b > t_arrive and a < t_first]
+    return {"prefill_chunk": chunk, "prompt_tokens": len(long_ids), "running": cfg["running"],
+            "long_prompt_ttft_s": t_first - t_arrive,
+            "running_max_gap_s": float(max(gaps)),
+            "running_p95_gap_s": float(np.percentile(gaps, 95)),
+            "running_tokens_during_prefill": len(gaps),
+            "warmup_s": warm_s, "kernel_compiles_during_run": eng.compile_count() - compiled}
+
+
 def _plot(rows: list[dict], out_dir: pathlib.Path, title: str) -> list[str]:
     import matplotlib
 
@@ -187,6 +244,17 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 pool.shutdown()
         compiles_during = backend_compiles() - compiles0
         kernels_during = srv.engine.compile_count() - kernels0
+    long_rows = []
+    if config.get("long_prompt"):
+        from lmx.models import load
+
+        lp = config["long_prompt"]
+        model, tokenizer = load(config["model"])
+        for chunk in (lp["chunk"], max(lp["prompt_buckets"])):
+            log.info("serve bench: a %d-token prompt joins %d running streams, chunk %d",
+                     lp["prompt_tokens"], lp["running"], chunk)
+            long_rows.append(long_prompt_arrival(model, tokenizer, lp, chunk))
+            log.info("  %s", long_rows[-1])
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup_vs_1"] = r["tokens_per_s"] / base
@@ -195,7 +263,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     title = (f"{config['model']} on CPU ({os.cpu_count()} cores, load avg "
              f"{load_avg:.1f}), {config['max_tokens']} tokens/request, "
              f"{config['n_slots']} slots")
-    return {"summary": rows, "load_seconds": load_s, "warmup_seconds": warm_s,
+    return {"summary": rows, "long_prompt_arrival": long_rows, "load_seconds": load_s, "warmup_seconds": warm_s,
             "kernel_variants": variants, "clients_in_separate_process": in_child,
             "xla_compiles_during_run": compiles_during,
             "kernel_compiles_during_run": kernels_during,

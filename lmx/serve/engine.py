@@ -7,7 +7,10 @@ One thread owns the model. Each loop iteration it
    iteration, at least one request, so joins never stall running streams for long): prompts are
    right-padded to a prompt bucket ``T`` and prefilled together, ``P`` prompts per call for ``P``
    in the prefill batch buckets (``P * T`` within the same token budget), and each one's first
-   token is sampled,
+   token is sampled; a prompt longer than ``prefill_chunk`` is prefilled one chunk per iteration
+   (chunked prefill, as in Agrawal et al. 2024, Sarathi-Serve, arXiv:2403.02310, Sec. 4.1), so a
+   long prompt delays running streams by one chunk's compute per decode step, not by its whole
+   prefill,
 3. runs one decode step over the first ``batch`` slots (``batch`` = the smallest bucket holding
    every running slot; new requests get the lowest free slot) attending to ``span`` cache
    columns (the smallest bucket holding every running row),
@@ -15,7 +18,8 @@ One thread owns the model. Each loop iteration it
    (text that could be the start of a stop string is held back), ``max_tokens``; a finished
    request leaves its slot at once.
 
-Shapes depend only on (prefill batch, prompt bucket) and (batch bucket, span bucket), and every
+Shapes depend only on (prefill batch, prompt bucket), (chunk, span bucket) and (batch bucket,
+span bucket), and every
 per-request setting (temperature, top-k, top-p, seed, token index, max_tokens, stop) is data, so
 after :meth:`Engine.warmup` no request mix compiles anything; :meth:`Engine.compile_count` and
 :func:`backend_compiles` let tests check that. Kernels: :mod:`lmx.models.slot_decode`.
@@ -333,8 +337,12 @@ class Engine:
         request (cache columns per slot), at most the model's ``max_seq_len``.
       batch_buckets / span_buckets / prompt_buckets: the compiled shapes (defaults: powers of
         four from 1 / 128 / 32 up to ``n_slots`` / ``max_len`` / ``max_len``: at most 4x padding,
-        few variants to compile). The largest prompt bucket (at most ``max_len``) bounds prompts.
-      prefill_tokens_per_step: prompt tokens admitted per loop iteration (at least one request).
+        few variants to compile).
+      prefill_tokens_per_step: prompt tokens prefilled per loop iteration (at least one call).
+      prefill_chunk: a prompt whose uncached part is longer than this (one of the prompt buckets;
+        default the largest one within ``prefill_tokens_per_step``, else the smallest) is
+        prefilled in chunks of this many tokens, one call per chunk, interleaved with decode
+        steps; prompts may then be as long as ``max_len`` allows.
       prefill_batch_buckets: how many prompts one prefill call takes (default 1, 4, 16, ... up to
         ``n_slots``; must hold 1); a prompt bucket ``T`` is compiled with the batch sizes ``P``
         for which ``P * T <= prefill_tokens_per_step`` (always with 1). Joining requests are
@@ -349,6 +357,7 @@ class Engine:
                  prompt_buckets: Sequence[int] | None = None,
                  prefill_tokens_per_step: int = 256,
                  prefill_batch_buckets: Sequence[int] | None = None,
+                 prefill_chunk: int | None = None,
                  prefix_reuse: bool = True,
                  stop_token_ids: Sequence[int] = (),
                  decode: Callable[[list[int]], str] | None = None):
@@ -385,6 +394,14 @@ class Engine:
         self.prefill_shapes = {
             T: tuple(P for P in pb if P == 1 or P * T <= self.prefill_tokens_per_step)
             for T in self.prompt_buckets}
+        fitting = [T for T in self.prompt_buckets if T <= self.prefill_tokens_per_step]
+        chunk = (fitting[-1] if fitting else self.prompt_buckets[0]) if prefill_chunk is None \
+            else prefill_chunk
+        if isinstance(chunk, bool) or chunk not in self.prompt_buckets:
+            raise ValueError(f"prefill_chunk must be one of the prompt buckets "
+                             f"{self.prompt_buckets}, got {prefill_chunk!r}")
+        #: chunk length of a long prompt's prefill (each chunk is a [1, prefill_chunk] call)
+        self.prefill_chunk = int(chunk)
         self.vocab_size = int(model.cfg.vocab_size)
         self.stop_ids = frozenset(int(i) for i in stop_token_ids)
         self.tokenizer = tokenizer
@@ -418,6 +435,9 @@ class Engine:
         self._slots: list[tuple[Stream, _Detok] | None] = [None] * n_slots
         self._free = list(range(n_slots))
         heapq.heapify(self._free)
+        #: slot -> [stream, prompt tokens in the row so far, row to copy them from] of requests
+        #: whose prompt is being prefilled chunk by chunk (they hold the slot, not yet decoding)
+        self._partial: dict[int, list] = {}
         self._tok = np.zeros(n_slots, np.int32)
         self._pos = np.zeros(n_slots, np.int32)
         # the tokens whose K/V each cache row holds: running rows and freed ones (a freed row
@@ -464,8 +484,8 @@ class Engine:
         return int(self._prefill._cache_size() + self._decode_step._cache_size())
 
     def warmup(self) -> int:
-        """Compile every prefill (batch, prompt bucket) and decode (batch bucket, span bucket)
-        variant; returns the count.
+        """Compile every prefill (batch, prompt bucket), long-prompt chunk (span bucket) and
+        decode (batch bucket, span bucket) variant; returns the count.
 
         Runs on the caller's thread, between the loop's steps, and only while no request runs
         (it writes cache rows of idle slots); RuntimeError otherwise.
@@ -484,6 +504,10 @@ class Engine:
                 self._run_prefill(np.zeros((P, T), np.int32), np.zeros(P, np.int32),
                                   np.ones(P, np.int32), rows, rows,
                                   self._sampling_rows([None] * P), False)
+        row = np.zeros(1, np.int32)
+        for S in self.span_buckets[1:]:  # later chunks of a long prompt read more prefix columns
+            self._run_prefill(np.zeros((1, self.prefill_chunk), np.int32), row, row + 1, row, row,
+                              self._sampling_rows([None]), False, span=S)
         for B in self.batch_buckets:
             for S in self.span_buckets:
                 self._run_decode(B, S, self._sampling_rows([None] * B), False)
@@ -497,9 +521,6 @@ class Engine:
     def submit(self, req: GenRequest, on_event: Callable[[Event], None] | None = None) -> Stream:
         """Queue ``req`` (validated first; ValueError/TypeError on a bad field) -> its Stream."""
         validate_request(req, vocab_size=self.vocab_size, max_len=self.max_len)
-        if len(req.prompt) > self.prompt_buckets[-1]:
-            raise ValueError(f"prompt of {len(req.prompt)} tokens exceeds this engine's longest "
-                             f"prompt bucket of {self.prompt_buckets[-1]} tokens")
         if req.seed is None:
             req = dataclasses.replace(req, seed=int.from_bytes(os.urandom(8), "little"))
         s = Stream(req, on_event)
@@ -536,9 +557,10 @@ class Engine:
         return temp, top_k, top_p, keys, streams, counters
 
     def _run_prefill(self, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                     slots: np.ndarray, sources: np.ndarray, sampling, want: bool):
+                     slots: np.ndarray, sources: np.ndarray, sampling, want: bool,
+                     span: int | None = None):
         out = self._prefill(self._state, self._ck, self._cv, tokens, starts, lengths, slots,
-                            sources, sampling, np.bool_(want), span=self.prefix_span)
+                            sources, sampling, np.bool_(want), span=span or self.prefix_span)
         self._ck, self._cv = out[0], out[1]
         return [np.asarray(x) for x in out[2:]]
 
@@ -588,6 +610,10 @@ class Engine:
             if entry is not None:
                 self._release(i)
                 entry[0]._emit(Event(finish_reason="error", error=msg))
+        partial, self._partial = self._partial, {}
+        for s, *_ in partial.values():
+            self.metrics.running -= 1
+            s._emit(Event(finish_reason="error", error=msg))
         for s in waiting:
             s._emit(Event(finish_reason="error", error=msg))
         self.metrics.queue_length = 0
@@ -620,16 +646,29 @@ class Engine:
                 self._finish(i, "cancelled")
                 entry[0]._emit(Event(finish_reason="cancelled", prompt_tokens=len(det.req.prompt),
                                      completion_tokens=det.n_generated))
+        for slot, (s, *_) in list(self._partial.items()):
+            if s.cancelled:
+                del self._partial[slot]
+                heapq.heappush(self._free, slot)  # its row keeps the chunks done, for reuse
+                m.running -= 1
+                m.finished["cancelled"] += 1
+                s._emit(Event(finish_reason="cancelled", prompt_tokens=len(s.request.prompt)))
         budget = self.prefill_tokens_per_step
+        n_calls = 0  # prefill calls so far: long prompts' next chunks first, oldest first
+        for slot in list(self._partial):
+            if n_calls and budget < self.prefill_chunk:
+                break
+            budget -= self.prefill_chunk
+            n_calls += 1
+            self._prefill_next_chunk(slot)
         joins: list[tuple[Stream, int]] = []  # (stream, its slot), in arrival order
-        n_join = 0
         while self._free:
             with self._cv_lock:
                 if not self._waiting:
                     break
-                n = len(self._waiting[0].request.prompt)
-                # at least one join per iteration, more while the prompt-token budget lasts
-                if n_join and budget < n:
+                n = min(len(self._waiting[0].request.prompt), self.prefill_chunk)
+                # at least one prefill call per iteration, more while the token budget lasts
+                if n_calls and budget < n:
                     break
                 s = self._waiting.popleft()
                 m.queue_length = len(self._waiting)
@@ -638,7 +677,7 @@ class Engine:
                 s._emit(Event(finish_reason="cancelled", prompt_tokens=n))
                 continue
             budget -= n
-            n_join += 1
+            n_calls += 1
             joins.append((s, heapq.heappop(self._free)))
         # chunk bucket -> [(stream, slot, prefix length, source row)], in arrival order
         joining: dict[int, list[tuple[Stream, int, int, int]]] = {}
@@ -646,6 +685,12 @@ class Engine:
         for s, slot in joins:
             start, src = self._cached_prefix(s.request.prompt, slot, targets)
             n = len(s.request.prompt) - start
+            if n > self.prefill_chunk:
+                self._partial[slot] = [s, start, src]
+                m.running += 1
+                m.prompt_tokens_cached += start
+                self._prefill_next_chunk(slot)
+                continue
             joining.setdefault(next(b for b in self.prompt_buckets if b >= n), []).append(
                 (s, slot, start, src))
         for T, group in joining.items():
@@ -654,7 +699,7 @@ class Engine:
                 P = max(p for p in sizes if p <= len(group))
                 self._admit(T, group[:P])
                 group = group[P:]
-        if m.running > 0:
+        if any(e is not None for e in self._slots):
             self._decode_running()
 
     def _cached_prefix(self, prompt: Sequence[int], slot: int, targets: set[int]) -> tuple[int, int]:
@@ -678,6 +723,34 @@ class Engine:
         own = np.flatnonzero(rows == slot)[0]  # on a tie, the row itself: nothing to copy
         return best, int(slot if lcp[own] == best else rows[int(np.argmax(lcp))])
 
+    def _prefill_next_chunk(self, slot: int) -> None:
+        """Prefill the next ``prefill_chunk`` prompt tokens of the long prompt in ``slot``; after
+        the last chunk the request starts decoding with the token sampled from its logits."""
+        entry = self._partial[slot]
+        s, start, src = entry
+        prompt = s.request.prompt
+        n = min(self.prefill_chunk, len(prompt) - start)
+        tokens = np.zeros((1, self.prefill_chunk), np.int32)
+        tokens[0, :n] = prompt[start:start + n]
+        want = s.request.top_logprobs is not None
+        tok, lp, ids, lps = self._run_prefill(
+            tokens, np.array([start], np.int32), np.array([n], np.int32),
+            np.array([slot], np.int32), np.array([src], np.int32),
+            self._sampling_rows([(s.request, 0)]), want,
+            span=next(b for b in self.span_buckets if b >= start))
+        self.metrics.prefills += 1
+        done = start + n
+        # the row's valid K/V so far (a decode step's idle write lands on column ``done``, which
+        # the next chunk overwrites)
+        self._row_ids[slot, :done] = prompt[:done]
+        self._row_len[slot] = self._pos[slot] = done
+        if done < len(prompt):
+            entry[1], entry[2] = done, slot
+            return
+        del self._partial[slot]
+        self.metrics.running -= 1  # _start_decoding counts it again
+        self._start_decoding(s, slot, int(tok[0]), lp[0], ids[0], lps[0])
+
     def _admit(self, T: int, group: list[tuple[Stream, int, int, int]]) -> None:
         """Prefill ``group`` ((stream, slot, cached prefix length, its source row); prompt
         suffixes of bucket ``T``) in one call."""
@@ -696,17 +769,21 @@ class Engine:
             self._sampling_rows([(s.request, 0) for s, *_ in group]), want)
         self.metrics.prefills += 1
         for i, (s, slot, start, _) in enumerate(group):
-            n, t = len(s.request.prompt), int(tok[i])
-            self.metrics.prompt_tokens += n
             self.metrics.prompt_tokens_cached += start
-            self.metrics.running += 1
-            self._slots[slot] = (s, _Detok(s, self._decode, self.stop_ids))
-            self._row_ids[slot, :n] = s.request.prompt
-            self._row_len[slot] = n
-            self._tok[slot], self._pos[slot] = t, n
-            self._push(slot, t, self._lp_entry(s.request, t, lp[i], ids[i], lps[i]))
-            if s.t_first is not None:
-                self.metrics.observe_ttft(s.t_first - s.t_submit)
+            self._start_decoding(s, slot, int(tok[i]), lp[i], ids[i], lps[i])
+
+    def _start_decoding(self, s: Stream, slot: int, t: int, lp, ids, lps) -> None:
+        """``s``'s prompt is in ``slot``'s row; ``t`` is its first reply token."""
+        n = len(s.request.prompt)
+        self.metrics.prompt_tokens += n
+        self.metrics.running += 1
+        self._slots[slot] = (s, _Detok(s, self._decode, self.stop_ids))
+        self._row_ids[slot, :n] = s.request.prompt
+        self._row_len[slot] = n
+        self._tok[slot], self._pos[slot] = t, n
+        self._push(slot, t, self._lp_entry(s.request, t, lp, ids, lps))
+        if s.t_first is not None:
+            self.metrics.observe_ttft(s.t_first - s.t_submit)
 
     def _push(self, slot: int, tok: int, lp: TokenLogprob | None) -> None:
         det = self._slots[slot][1]
