@@ -197,6 +197,7 @@ def _plot(rows: list[dict], out_dir: pathlib.Path, title: str) -> list[str]:
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     from lmx.backends import LocalBackend
+    from lmx.models import load
     from lmx.serve import ChatServer, backend_compiles
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,14 +206,17 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     if clients[0] != 1:
         raise ValueError(f"clients must include 1 (the one-at-a-time baseline), got {clients}")
     t0 = time.perf_counter()
-    backend = LocalBackend.load(config["model"], max_batch=config["n_slots"],
-                                max_seq_len=config["max_seq_len"], n_slots=config["n_slots"],
-                                batch_buckets=config["batch_buckets"],
-                                span_buckets=config["span_buckets"],
-                                prompt_buckets=config["prompt_buckets"],
-                                prefill_batch_buckets=config.get("prefill_batch_buckets"),
-                                prefill_tokens_per_step=config.get("prefill_tokens_per_step", 256),
-                                prefix_reuse=bool(config.get("prefix_reuse", True)))
+    model, tokenizer = load(config["model"])  # the long-prompt part below reuses them
+    backend = LocalBackend.from_lmx(model, tokenizer, model_name=config["model"],
+                                    max_batch=config["n_slots"],
+                                    max_seq_len=config["max_seq_len"], n_slots=config["n_slots"],
+                                    batch_buckets=config["batch_buckets"],
+                                    span_buckets=config["span_buckets"],
+                                    prompt_buckets=config["prompt_buckets"],
+                                    prefill_batch_buckets=config.get("prefill_batch_buckets"),
+                                    prefill_tokens_per_step=config.get("prefill_tokens_per_step",
+                                                                       256),
+                                    prefix_reuse=bool(config.get("prefix_reuse", True)))
     load_s = time.perf_counter() - t0
     rows = []
     with ChatServer(backend, model_name=config["model"]) as srv:
@@ -246,10 +250,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         kernels_during = srv.engine.compile_count() - kernels0
     long_rows = []
     if config.get("long_prompt"):
-        from lmx.models import load
-
         lp = config["long_prompt"]
-        model, tokenizer = load(config["model"])
         for chunk in (lp["chunk"], max(lp["prompt_buckets"])):
             log.info("serve bench: a %d-token prompt joins %d running streams, chunk %d",
                      lp["prompt_tokens"], lp["running"], chunk)

@@ -611,8 +611,8 @@ class Engine:
                 self._release(i)
                 entry[0]._emit(Event(finish_reason="error", error=msg))
         partial, self._partial = self._partial, {}
-        for s, *_ in partial.values():
-            self.metrics.running -= 1
+        for slot, (s, *_) in partial.items():
+            self._release(slot)
             s._emit(Event(finish_reason="error", error=msg))
         for s in waiting:
             s._emit(Event(finish_reason="error", error=msg))
@@ -649,9 +649,7 @@ class Engine:
         for slot, (s, *_) in list(self._partial.items()):
             if s.cancelled:
                 del self._partial[slot]
-                heapq.heappush(self._free, slot)  # its row keeps the chunks done, for reuse
-                m.running -= 1
-                m.finished["cancelled"] += 1
+                self._finish(slot, "cancelled")  # its row keeps the chunks done, for reuse
                 s._emit(Event(finish_reason="cancelled", prompt_tokens=len(s.request.prompt)))
         budget = self.prefill_tokens_per_step
         n_calls = 0  # prefill calls so far: long prompts' next chunks first, oldest first
@@ -748,7 +746,6 @@ class Engine:
             entry[1], entry[2] = done, slot
             return
         del self._partial[slot]
-        self.metrics.running -= 1  # _start_decoding counts it again
         self._start_decoding(s, slot, int(tok[0]), lp[0], ids[0], lps[0])
 
     def _admit(self, T: int, group: list[tuple[Stream, int, int, int]]) -> None:
@@ -770,13 +767,14 @@ class Engine:
         self.metrics.prefills += 1
         for i, (s, slot, start, _) in enumerate(group):
             self.metrics.prompt_tokens_cached += start
+            self.metrics.running += 1
             self._start_decoding(s, slot, int(tok[i]), lp[i], ids[i], lps[i])
 
     def _start_decoding(self, s: Stream, slot: int, t: int, lp, ids, lps) -> None:
-        """``s``'s prompt is in ``slot``'s row; ``t`` is its first reply token."""
+        """``s``'s prompt is in ``slot``'s row (the slot counted as running); ``t`` is its first
+        reply token."""
         n = len(s.request.prompt)
         self.metrics.prompt_tokens += n
-        self.metrics.running += 1
         self._slots[slot] = (s, _Detok(s, self._decode, self.stop_ids))
         self._row_ids[slot, :n] = s.request.prompt
         self._row_len[slot] = n

@@ -2,8 +2,6 @@
 iteration, decode steps of running requests in between. Its text must equal a whole-prompt
 prefill's, running streams must keep getting tokens meanwhile, and a cancel between chunks must
 free the slot."""
-import threading
-
 import numpy as np
 import pytest
 
