@@ -125,22 +125,38 @@ def _qkv(cfg: ModelConfig, h, p, cos, sin):
 
 
 def _attend(cfg: ModelConfig, q, k, v, allowed):
-    """Explicit GQA attention with an f32 softmax.
+    """Explicit GQA attention with an f32 softmax, skipping key blocks a causal mask hides.
 
     q [B, Tq, H, hd]; k, v [B, S, Hkv, hd]; allowed bool [B, Tq, S] -> [B, Tq, H*hd].
+    ``allowed`` must be causal over the last ``Tq`` keys: query ``j`` sees at most keys
+    ``0 .. S - Tq + j`` (a plain causal mask, a padding mask on top of it, or a cached prefix
+    followed by a causal chunk). The queries go in blocks of ``cfg.q_block(Tq)``; block
+    ``[a, e)`` reads only keys ``0 .. S - Tq + e - 1``, so the all-masked blocks above the
+    diagonal are never computed (about half of the score and value products for long ``Tq``, as
+    in flash attention's causal block skipping, Dao et al. 2022, arXiv:2205.14135, Sec. 3.1).
+    A skipped key would get weight ``exp(mask - max) = 0`` exactly, so the result is the full
+    masked softmax's up to summation order (a query that sees no key at all, a padding position,
+    gets an arbitrary output either way).
     The G query heads of a KV head are stacked along the query axis (``[B, Hkv, G*Tq, hd]``), so
     both products are plain batched matmuls over (B, Hkv) with the contraction last: measured
     14 % faster than a five-axis einsum for the forward + backward on XLA:CPU (SmolLM2 shapes).
     """
     B, Tq = q.shape[:2]
     S, K, G, hd = k.shape[1], cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
-    qg = q.reshape(B, Tq, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * Tq, hd)
-    s = jnp.einsum("bkqd,bskd->bkqs", qg, k, preferred_element_type=jnp.float32)
-    s = s * (1.0 / math.sqrt(hd))
-    s = jnp.where(jnp.tile(allowed, (1, G, 1))[:, None], s, _MASK_VALUE)
-    w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkqs,bskd->bkqd", w, v)
-    return o.reshape(B, K, G, Tq, hd).transpose(0, 3, 1, 2, 4).reshape(B, Tq, cfg.q_dim)
+    q5 = q.reshape(B, Tq, K, G, hd).transpose(0, 2, 3, 1, 4)
+    block = cfg.q_block(Tq)
+    outs = []
+    for a in range(0, Tq, block):
+        e = min(a + block, Tq)
+        keys = S - Tq + e
+        qg = q5[:, :, :, a:e].reshape(B, K, G * (e - a), hd)
+        s = jnp.einsum("bkqd,bskd->bkqs", qg, k[:, :keys], preferred_element_type=jnp.float32)
+        s = s * (1.0 / math.sqrt(hd))
+        s = jnp.where(jnp.tile(allowed[:, a:e, :keys], (1, G, 1))[:, None], s, _MASK_VALUE)
+        w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkqs,bskd->bkqd", w, v[:, :keys]).reshape(B, K, G, e - a, hd))
+    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, Tq, cfg.q_dim)
 
 
 def _mlp(cfg: ModelConfig, h, p):
