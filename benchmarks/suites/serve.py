@@ -264,7 +264,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     title = (f"{config['model']} on CPU ({os.cpu_count()} cores, load avg "
              f"{load_avg:.1f}), {config['max_tokens']} tokens/request, "
              f"{config['n_slots']} slots")
-    return {"summary": rows, "long_prompt_arrival": long_rows, "load_seconds": load_s, "warmup_seconds": warm_s,
+    return {"summary": rows, "long_prompt_arrival": long_rows, "load_seconds": load_s,
+            "warmup_seconds": warm_s,
             "kernel_variants": variants, "clients_in_separate_process": in_child,
             "xla_compiles_during_run": compiles_during,
             "kernel_compiles_during_run": kernels_during,

@@ -738,15 +738,15 @@ class Engine:
             span=next(b for b in self.span_buckets if b >= start))
         self.metrics.prefills += 1
         done = start + n
+        if done == len(prompt):
+            del self._partial[slot]
+            self._start_decoding(s, slot, int(tok[0]), lp[0], ids[0], lps[0])
+            return
         # the row's valid K/V so far (a decode step's idle write lands on column ``done``, which
         # the next chunk overwrites)
         self._row_ids[slot, :done] = prompt[:done]
         self._row_len[slot] = self._pos[slot] = done
-        if done < len(prompt):
-            entry[1], entry[2] = done, slot
-            return
-        del self._partial[slot]
-        self._start_decoding(s, slot, int(tok[0]), lp[0], ids[0], lps[0])
+        entry[1], entry[2] = done, slot
 
     def _admit(self, T: int, group: list[tuple[Stream, int, int, int]]) -> None:
         """Prefill ``group`` ((stream, slot, cached prefix length, its source row); prompt
