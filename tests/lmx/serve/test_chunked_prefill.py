@@ -11,6 +11,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from lmx.serve.engine import Engine, GenRequest  # noqa: E402
 
+# one worker builds the module's warmed-up engine, not both
+pytestmark = pytest.mark.xdist_group("serve_chunked_engine")
+
 # chunks of 16 tokens, one prefill call per iteration; spans 32/64/128 for the chunks' prefixes
 KW = dict(n_slots=4, max_len=128, batch_buckets=(4,), span_buckets=(32, 64, 128),
           prompt_buckets=(16,), prefill_tokens_per_step=16)

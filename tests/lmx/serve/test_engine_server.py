@@ -20,7 +20,8 @@ from lmx.serve import ChatServer, GenRequest, backend_compiles  # noqa: E402
 
 MODEL = "tiny-random"
 # one shared warm-up compiles 4 kernel variants: ~35 s on a loaded 2-core VM
-pytestmark = pytest.mark.slow
+# one worker builds the module's warmed-up engine and server, not both
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve_engine_server")]
 
 
 @pytest.fixture(scope="module")
